@@ -1,0 +1,388 @@
+"""config.yaml -> frozen, validated config objects with errors that name the key.
+
+Parsing happens once, at start (and on SIGHUP); every part of the daemon is handed
+only its own frozen section. `${NAME}` in any string is replaced from the
+environment; `api_key_file` / `password_file` are read here so that a missing
+credential is a configuration error, not a runtime surprise.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+SEARCH_PATHS = (Path("config.yaml"), Path("/etc/harkd/config.yaml"))
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; every problem names file and YAML path."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__("\n".join(f"{source}: {p}" for p in problems))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DeviceConfig(_Section):
+    """Who this device is: used in MQTT topics and Home Assistant unique ids."""
+
+    id: Annotated[str, Field(pattern=r"^[a-z0-9_-]+$", max_length=64)] = "kitchen"
+    name: str = "Kitchen voice"
+
+
+class ReconnectConfig(_Section):
+    """Jittered exponential backoff for the realtime connection."""
+
+    initial_delay_s: Annotated[float, Field(gt=0, le=3600)] = 1.0
+    max_delay_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+
+
+class RealtimeConfig(_Section):
+    """The realtime voice session."""
+
+    provider: Literal["openai"] = "openai"
+    url: str = "wss://api.openai.com/v1/realtime"
+    model: str = "gpt-realtime"
+    api_key: SecretStr | None = None
+    api_key_file: Path | None = None
+    voice: str = "marin"
+    instructions: str = "You are a helpful voice assistant in a home."
+    turn_detection: Literal["server_vad", "semantic_vad", "manual"] = "server_vad"
+    transcription_model: str | None = "gpt-4o-mini-transcribe"
+    reconnect: ReconnectConfig = ReconnectConfig()
+    # Beyond DESIGN.md: the provider ends a session after 60 minutes; harkd opens a
+    # fresh one before that and replays the last messages as context.
+    rollover_s: Annotated[float, Field(gt=60, le=3600)] = 3300.0
+    replay_messages: Annotated[int, Field(ge=0, le=100)] = 12
+    ping_interval_s: Annotated[float, Field(gt=0, le=300)] = 20.0
+    ping_timeout_s: Annotated[float, Field(gt=0, le=300)] = 20.0
+
+    @field_validator("url")
+    @classmethod
+    def _websocket_url(cls, url: str) -> str:
+        if not url.startswith(("ws://", "wss://")):
+            raise ValueError(f"expected a ws:// or wss:// URL, got {url!r}")
+        return url
+
+
+class AudioInputConfig(_Section):
+    """Microphone: an ALSA PCM or `file:PATH.wav`."""
+
+    device: str = "default"
+    rate: Annotated[int, Field(ge=8000, le=192000)] = 16000
+    period_ms: Annotated[int, Field(ge=10, le=100)] = 20
+    channel: Annotated[int, Field(ge=0, le=31)] = 0
+    # Beyond DESIGN.md: a WAV source starts over at its end instead of going silent.
+    loop: bool = False
+
+
+class AudioOutputConfig(_Section):
+    """Speaker: an ALSA PCM, `file:PATH.wav`, or null for no audio output."""
+
+    device: str | None = "default"
+    rate: Annotated[int, Field(ge=8000, le=192000)] = 24000
+    volume: Annotated[int, Field(ge=0, le=100)] = 100
+
+
+class AudioConfig(_Section):
+    """Audio edge: devices, barge-in policy."""
+
+    input: AudioInputConfig = AudioInputConfig()
+    output: AudioOutputConfig = AudioOutputConfig()
+    barge_in: bool = False
+    echo_tail_ms: Annotated[int, Field(ge=0, le=5000)] = 300
+
+
+class VadConfig(_Section):
+    """Local voice activity detection, used in manual turn mode."""
+
+    aggressiveness: Annotated[int, Field(ge=0, le=3)] = 2
+    start_ms: Annotated[int, Field(ge=10, le=2000)] = 90
+    end_silence_ms: Annotated[int, Field(ge=100, le=10000)] = 700
+    preroll_ms: Annotated[int, Field(ge=0, le=2000)] = 300
+    max_turn_s: Annotated[float, Field(gt=0, le=600)] = 30.0
+    min_level: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+
+
+class TlsFiles(_Section):
+    """TLS with explicit CA and client certificate files."""
+
+    ca_certs: Path | None = None
+    certfile: Path | None = None
+    keyfile: Path | None = None
+
+
+class MqttConfig(_Section):
+    """MQTT bridge and Home Assistant discovery."""
+
+    enabled: bool = True
+    host: str = "localhost"
+    port: Annotated[int, Field(ge=1, le=65535)] = 1883
+    username: str | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    tls: bool | TlsFiles = False
+    base_topic: Annotated[str, Field(min_length=1, pattern=r"^[^#+]+$")] = "harkd"
+    discovery_prefix: str | None = "homeassistant"
+    publish_levels: bool = False
+
+
+class JournalConfig(_Section):
+    """Transcript journal rotation."""
+
+    max_bytes: Annotated[int, Field(ge=1000)] = 10_000_000
+    keep: Annotated[int, Field(ge=0, le=100)] = 5
+
+
+def _default_plugins() -> dict[str, dict[str, Any]]:
+    return {"clock": {}, "timers": {}}
+
+
+class Config(_Section):
+    """The whole daemon configuration."""
+
+    device: DeviceConfig = DeviceConfig()
+    realtime: RealtimeConfig = RealtimeConfig()
+    audio: AudioConfig = AudioConfig()
+    vad: VadConfig = VadConfig()
+    mqtt: MqttConfig = MqttConfig()
+    plugins: dict[str, dict[str, Any]] = Field(default_factory=_default_plugins)
+    state_dir: Path = Path("/var/lib/harkd")
+    journal: JournalConfig = JournalConfig()
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("plugins", mode="before")
+    @classmethod
+    def _plugin_options(cls, value: Any) -> Any:
+        # `clock:` with nothing after it means "enabled, no options".
+        if isinstance(value, Mapping):
+            return {k: ({} if v is None else v) for k, v in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        r = self.realtime
+        if r.api_key is not None and r.api_key_file is not None:
+            raise ValueError("realtime: give api_key or api_key_file, not both")
+        if self.mqtt.password is not None and self.mqtt.password_file is not None:
+            raise ValueError("mqtt: give password or password_file, not both")
+        if r.reconnect.initial_delay_s > r.reconnect.max_delay_s:
+            raise ValueError("realtime.reconnect.initial_delay_s: must not exceed max_delay_s")
+        return self
+
+    def api_key(self) -> str | None:
+        """The provider key, from `api_key` or the file `api_key_file` names."""
+        return _secret(self.realtime.api_key, self.realtime.api_key_file)
+
+    def mqtt_password(self) -> str | None:
+        """The MQTT password, from `password` or the file `password_file` names."""
+        return _secret(self.mqtt.password, self.mqtt.password_file)
+
+    def redacted(self) -> dict[str, Any]:
+        """The resolved configuration as plain data, secrets replaced by `***`."""
+        data = self.model_dump(mode="json")
+        for section, key in (("realtime", "api_key"), ("mqtt", "password")):
+            if data[section][key] is not None:
+                data[section][key] = "***"
+        return data
+
+
+def _secret(value: SecretStr | None, path: Path | None) -> str | None:
+    if value is not None:
+        return value.get_secret_value()
+    if path is not None:
+        return path.read_text(encoding="utf-8").strip()
+    return None
+
+
+def find_config(explicit: str | os.PathLike[str] | None) -> Path | None:
+    """`-c` wins, then `$HARKD_CONFIG`, then ./config.yaml, then /etc/harkd/config.yaml."""
+    if explicit:
+        return Path(explicit)
+    if env := os.environ.get("HARKD_CONFIG"):
+        return Path(env)
+    return next((p for p in SEARCH_PATHS if p.exists()), None)
+
+
+def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None) -> Config:
+    """Read, interpolate and validate a config file; `None` gives the defaults."""
+    environ = os.environ if env is None else env
+    if path is None:
+        return parse_config({}, "<defaults>", environ)
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(source, [f"cannot read: {exc.strerror or exc}"]) from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, [f"not valid YAML: {exc}"]) from exc
+    return parse_config({} if raw is None else raw, source, environ)
+
+
+def parse_config(raw: Any, source: str, env: Mapping[str, str] | None = None) -> Config:
+    """Validate already-parsed YAML data (a mapping)."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(source, [f"expected a mapping at the top level, got {_kind(raw)}"])
+    problems: list[str] = []
+    data = _interpolate(raw, (), os.environ if env is None else env, problems)
+    if problems:
+        raise ConfigError(source, problems)
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, _describe_all(exc)) from None
+    problems = _check_state(config)
+    if problems:
+        raise ConfigError(source, problems)
+    return _with_state_dir(config, os.environ if env is None else env)
+
+
+def _interpolate(value: Any, path: tuple[str, ...], env: Mapping[str, str], problems: list[str]) -> Any:
+    if isinstance(value, str):
+
+        def sub(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in env:
+                problems.append(f"{_dotted(path)}: environment variable {name} is not set")
+                return ""
+            return env[name]
+
+        return _ENV_REF.sub(sub, value)
+    if isinstance(value, Mapping):
+        return {k: _interpolate(v, (*path, str(k)), env, problems) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, (*path, str(i)), env, problems) for i, v in enumerate(value)]
+    return value
+
+
+def _check_state(config: Config) -> list[str]:
+    """Checks that need the file system: credentials exist and are readable."""
+    problems: list[str] = []
+    files = (
+        ("realtime.api_key_file", config.realtime.api_key_file),
+        ("mqtt.password_file", config.mqtt.password_file),
+    )
+    for key, path in files:
+        if path is not None:
+            try:
+                if not path.read_text(encoding="utf-8").strip():
+                    problems.append(f"{key}: file {path} is empty")
+            except OSError as exc:
+                problems.append(f"{key}: cannot read {path}: {exc.strerror or exc}")
+    missing_key = config.realtime.api_key is None and config.realtime.api_key_file is None
+    if config.realtime.provider == "openai" and missing_key:
+        problems.append(
+            "realtime.api_key: required for provider openai "
+            "(set api_key, e.g. ${OPENAI_API_KEY}, or api_key_file)"
+        )
+    return problems
+
+
+def _with_state_dir(config: Config, env: Mapping[str, str]) -> Config:
+    # Under systemd, StateDirectory= is the truth.
+    state = env.get("STATE_DIRECTORY")
+    if state:
+        return config.model_copy(update={"state_dir": Path(state.split(":")[0])})
+    return config
+
+
+def _dotted(path: tuple[str | int, ...]) -> str:
+    return ".".join(str(p) for p in path) or "<top>"
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, bool):
+        return f"{value!r}".lower()
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)
+
+
+_EXPECTED = {
+    "int_parsing": "an integer",
+    "int_type": "an integer",
+    "int_from_float": "an integer",
+    "float_parsing": "a number",
+    "float_type": "a number",
+    "bool_parsing": "true or false",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+    "path_type": "a file path",
+}
+
+
+def _describe_all(exc: ValidationError) -> list[str]:
+    """Every error once; for a union (`tls: bool | {...}`) only the deepest complaint."""
+    errors = exc.errors()
+    locs = [tuple(p for p in e["loc"] if not _is_union_tag(p)) for e in errors]
+    kept = [
+        _describe(e)
+        for e, loc in zip(errors, locs, strict=True)
+        if not any(len(other) > len(loc) and other[: len(loc)] == loc for other in locs)
+    ]
+    return list(dict.fromkeys(kept))
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    """One pydantic error as `a.b.c: expected X, got Y`."""
+    loc = tuple(p for p in error["loc"] if not _is_union_tag(p))
+    where = _dotted(loc)
+    kind = error["type"]
+    got = error.get("input")
+    ctx = error.get("ctx") or {}
+    if kind == "extra_forbidden":
+        return f"{where}: unknown key"
+    if kind == "missing":
+        return f"{where}: required"
+    if kind in _EXPECTED:
+        return f"{where}: expected {_EXPECTED[kind]}, got {_kind(got)}"
+    if kind == "literal_error":
+        return f"{where}: expected one of {ctx.get('expected')}, got {_kind(got)}"
+    bounds = {
+        "greater_than": ("greater than", "gt"),
+        "greater_than_equal": ("at least", "ge"),
+        "less_than": ("less than", "lt"),
+        "less_than_equal": ("at most", "le"),
+    }
+    if kind in bounds:
+        word, key = bounds[kind]
+        return f"{where}: must be {word} {ctx.get(key)}, got {_kind(got)}"
+    if kind == "string_pattern_mismatch":
+        return f"{where}: must match {ctx.get('pattern')}, got {_kind(got)}"
+    message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+    if message.startswith(("realtime", "mqtt")) and where == "<top>":
+        return message
+    return f"{where}: {message}"
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic puts the union member's name in the location (`tls.bool`, `tls.TlsFiles`).
+    return isinstance(part, str) and (part in {"bool", "TlsFiles", "str", "none"} or "[" in part)
