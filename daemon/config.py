@@ -223,7 +223,9 @@ def find_config(explicit: str | os.PathLike[str] | None) -> Path | None:
     return next((p for p in SEARCH_PATHS if p.exists()), None)
 
 
-def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None
+) -> Config:
     """Read, interpolate and validate a config file; `None` gives the defaults."""
     environ = os.environ if env is None else env
     if path is None:
@@ -258,7 +260,9 @@ def parse_config(raw: Any, source: str, env: Mapping[str, str] | None = None) ->
     return _with_state_dir(config, os.environ if env is None else env)
 
 
-def _interpolate(value: Any, path: tuple[str, ...], env: Mapping[str, str], problems: list[str]) -> Any:
+def _interpolate(
+    value: Any, path: tuple[str, ...], env: Mapping[str, str], problems: list[str]
+) -> Any:
     if isinstance(value, str):
 
         def sub(match: re.Match[str]) -> str:
