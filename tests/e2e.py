@@ -1,0 +1,34 @@
+"""Shared helpers for end-to-end tests against the fake realtime server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+from harkd.testing import FakeRealtimeServer, validate_client_event
+
+
+async def until(predicate: Callable[[], bool], timeout_s: float = 5.0, what: str = "") -> None:
+    """Wait for a condition the test can observe (polls; tests only)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or predicate}")
+        await asyncio.sleep(0.01)
+
+
+def sent_types(server: FakeRealtimeServer, connection: int | None = None) -> list[str]:
+    """Types of the client events the server received, in order."""
+    return [e["type"] for i, e in server.received if connection is None or i == connection]
+
+
+def assert_all_valid(server: FakeRealtimeServer) -> None:
+    """Every event the daemon sent is valid for the real API; no error came back."""
+    for _, event in server.received:
+        validate_client_event(event)
+    problems: list[dict[str, Any]] = [
+        e for e in server.errors_sent if e.get("error", {}).get("code") != "session_expired"
+    ]
+    assert problems == [], problems
