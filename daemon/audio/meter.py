@@ -1,0 +1,123 @@
+"""Level meter and spectrum of an audio stream, for `AudioVisualization` and MQTT levels.
+
+`feed` is called from an audio thread for every chunk and stays cheap: the RMS level
+is computed every call, the spectrum (a Hann-windowed rfft of the last 1024 samples)
+at most `max_rate_hz` times a second. Readers on the event loop get an immutable
+`MeterReading`, replaced in one reference assignment (atomic in CPython), so no lock
+is needed between one feeding thread and any number of readers.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+from harkd.audio.base import MeterReading
+
+WINDOW = 1024
+"""Samples analysed for the spectrum and the time-domain view."""
+TIME_POINTS = 64
+"""Points of the decimated time-domain view."""
+FLOOR_DB = -80.0
+"""Spectrum magnitudes at or below this (dB of a full-scale sine) show as 0."""
+HOLD_S = 0.1
+"""Without new audio, a reading is held this long, then decays."""
+DECAY_TAU_S = 0.15
+"""Time constant of the decay toward 0 once the hold is over."""
+_FULL_SCALE = 32768.0
+
+
+class LevelMeter:
+    """RMS level, log-scaled band magnitudes and a short waveform of recent audio.
+
+    Feed it from one thread; read it from any.
+    """
+
+    def __init__(self, sample_rate: int, bins: int = 32, max_rate_hz: float = 20.0) -> None:
+        if bins < 1:
+            raise ValueError(f"bins must be at least 1, got {bins}")
+        self.sample_rate = sample_rate
+        self.bins = bins
+        self._min_interval_s = 1.0 / max_rate_hz if max_rate_hz > 0 else 0.0
+        self._ring = np.zeros(WINDOW, dtype=np.float32)
+        self._window = np.hanning(WINDOW).astype(np.float32)
+        # A full-scale sine peaks at sum(window)/2 in the rfft: that is 0 dB.
+        self._reference = float(self._window.sum()) / 2.0
+        self._edges = _band_edges(sample_rate, bins, WINDOW)
+        self._last_spectrum_at = -math.inf
+        self._silent_frequency: tuple[float, ...] = (0.0,) * bins
+        self._silent_time: tuple[float, ...] = (0.0,) * TIME_POINTS
+        self._frequency = self._silent_frequency
+        self._time_domain = self._silent_time
+        silent = MeterReading(0.0, self._silent_frequency, self._silent_time, sample_rate)
+        self._state: tuple[MeterReading, float] = (silent, -math.inf)
+
+    def feed(self, pcm: bytes, now: float | None = None) -> None:
+        """Account for a chunk of PCM16 mono audio that is being captured or played now."""
+        if now is None:
+            now = time.monotonic()
+        usable = len(pcm) - len(pcm) % 2
+        if not usable:
+            return
+        samples = np.frombuffer(pcm[:usable], dtype="<i2").astype(np.float32) / _FULL_SCALE
+        level = min(1.0, float(np.sqrt(np.mean(samples * samples))))
+        self._push(samples)
+        if now - self._last_spectrum_at >= self._min_interval_s:
+            self._last_spectrum_at = now
+            self._frequency = self._spectrum()
+            step = WINDOW // TIME_POINTS
+            self._time_domain = tuple(float(x) for x in self._ring[step - 1 :: step])
+        reading = MeterReading(
+            level=level,
+            frequency=self._frequency,
+            time_domain=self._time_domain,
+            sample_rate=self.sample_rate,
+        )
+        self._state = (reading, now)
+
+    def reading(self, now: float | None = None) -> MeterReading:
+        """The latest reading, decayed toward silence if no audio arrived lately."""
+        reading, fed_at = self._state
+        if now is None:
+            now = time.monotonic()
+        idle_s = now - fed_at - HOLD_S
+        if idle_s <= 0:
+            return reading
+        factor = math.exp(-idle_s / DECAY_TAU_S)
+        if factor < 1e-3:
+            return MeterReading(0.0, self._silent_frequency, self._silent_time, self.sample_rate)
+        return MeterReading(
+            level=reading.level * factor,
+            frequency=tuple(f * factor for f in reading.frequency),
+            time_domain=tuple(t * factor for t in reading.time_domain),
+            sample_rate=self.sample_rate,
+        )
+
+    def _push(self, samples: np.ndarray) -> None:
+        if len(samples) >= WINDOW:
+            self._ring[:] = samples[-WINDOW:]
+        else:
+            self._ring = np.roll(self._ring, -len(samples))
+            self._ring[-len(samples) :] = samples
+
+    def _spectrum(self) -> tuple[float, ...]:
+        magnitude = np.abs(np.fft.rfft(self._ring * self._window)) / self._reference
+        db = 20.0 * np.log10(np.maximum(magnitude, 1e-12))
+        scaled = np.clip((db - FLOOR_DB) / -FLOOR_DB, 0.0, 1.0)
+        # Each band shows its loudest component, as an analyser display does.
+        return tuple(float(scaled[lo:hi].max()) for lo, hi in self._edges)
+
+
+def _band_edges(sample_rate: int, bins: int, window: int) -> list[tuple[int, int]]:
+    """rfft index ranges of `bins` log-spaced bands from 60 Hz to Nyquist."""
+    count = window // 2 + 1
+    hz_per_index = sample_rate / window
+    low = max(1.0, 60.0 / hz_per_index)
+    edges = np.geomspace(low, count - 1, bins + 1)
+    bands: list[tuple[int, int]] = []
+    for i in range(bins):
+        lo = int(edges[i])
+        hi = max(lo + 1, int(math.ceil(edges[i + 1])))
+        bands.append((lo, min(hi, count)))
+    return bands
