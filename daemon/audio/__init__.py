@@ -1,1 +1,46 @@
-"""harkd."""
+"""Audio edge: microphones and speakers from config (`audio.input`, `audio.output`).
+
+`file:PATH.wav` selects a WAV file paced in real time, an output device of `null`
+a virtual speaker nobody hears (still paced, see `harkd.audio.wav`), and any other
+name an ALSA PCM (`harkd.audio.alsa`, imported only then).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from harkd.audio.base import AudioInput, AudioOutput
+from harkd.config import AudioInputConfig, AudioOutputConfig
+
+FILE_PREFIX = "file:"
+
+
+def open_input(cfg: AudioInputConfig) -> AudioInput:
+    """The microphone `cfg` names; a bad WAV file raises ValueError naming it."""
+    if cfg.device.startswith(FILE_PREFIX):
+        from harkd.audio.wav import WavInput
+
+        path = Path(cfg.device.removeprefix(FILE_PREFIX))
+        return WavInput(path, period_ms=cfg.period_ms, loop=cfg.loop, channel=cfg.channel)
+    from harkd.audio.alsa import AlsaInput
+
+    return AlsaInput(cfg.device, rate=cfg.rate, period_ms=cfg.period_ms, channel=cfg.channel)
+
+
+def open_output(cfg: AudioOutputConfig) -> AudioOutput:
+    """The speaker `cfg` names (nothing is opened before `start`)."""
+    if cfg.device is None:
+        from harkd.audio.wav import NullOutput
+
+        return NullOutput(rate=cfg.rate, volume=cfg.volume)
+    if cfg.device.startswith(FILE_PREFIX):
+        from harkd.audio.wav import WavOutput
+
+        path = Path(cfg.device.removeprefix(FILE_PREFIX))
+        return WavOutput(path, rate=cfg.rate, volume=cfg.volume)
+    from harkd.audio.alsa import AlsaOutput
+
+    return AlsaOutput(cfg.device, rate=cfg.rate, volume=cfg.volume)
+
+
+__all__ = ["AudioInput", "AudioOutput", "open_input", "open_output"]
