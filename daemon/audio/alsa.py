@@ -1,0 +1,682 @@
+"""The ALSA edge: a capture thread and a playback thread per device (pyalsaaudio).
+
+Blocking device I/O never touches the event loop. Each direction owns one thread:
+
+* `AlsaInput` reads periods in blocking mode, stamps each read with
+  `time.monotonic()` and hands frames to the loop with `call_soon_threadsafe` into a
+  bounded queue (the oldest frame is dropped, with a rate-limited warning, when the
+  consumer falls behind).
+* `AlsaOutput` opens the PCM non-blocking and writes from a `PlaybackBuffer`; it
+  sleeps on an Event between writes (woken by `play`, `stop_playback` and `stop`) and
+  never holds its lock while sleeping. Every call on the PCM object happens under
+  that lock, so the loop thread can measure (`avail`) and `drop` at the instant of
+  a barge-in without waiting for the writer.
+
+A device that cannot be opened or fails later is reported once per outage through
+`DeviceListener.device_failed` (on the loop), closed, and retried with exponential
+backoff (0.5 s .. 10 s) until it works again (`device_recovered`); the threads never
+die of a device error. Overruns and underruns are recovered in place.
+
+Idle playback writes nothing: when the buffer runs dry the thread writes one period
+of silence as the last real audio is about to play out (so a device that underruns
+does so in silence, not on the final sample - some hardware clicks or repeats its
+ring buffer there; a late delta mid-answer costs at most that period of silence),
+then, once the real audio has been heard, drops the stream and re-prepares it. The
+device then sits prepared and stopped until the next answer: no underrun noise, no
+silence written while idle, and no reopening.
+
+What a position means: ALSA counts frames still queued as `buffer_size - avail`.
+Through the PulseAudio/PipeWire `pulse` PCM that excludes the sound server's own sink
+latency (pyalsaaudio exposes no `snd_pcm_delay`), so played positions run ahead of
+the ear by that latency (a few ms on a hardware sink; tested within 40 ms).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import alsaaudio
+import numpy as np
+from harkd.audio.base import AudioFrame, DeviceListener, MeterReading
+from harkd.audio.meter import LevelMeter
+from harkd.audio.playback import PlaybackBuffer
+from harkd.audio.resample import StreamResampler
+
+log = logging.getLogger(__name__)
+
+PERIODS = 4
+"""Periods in the device buffer (80 ms at 20 ms periods)."""
+BACKOFF_INITIAL_S = 0.5
+BACKOFF_MAX_S = 10.0
+JOIN_TIMEOUT_S = 2.0
+"""How long `stop` waits for a device thread (a blocked read returns within a period)."""
+START_TIMEOUT_S = 5.0
+"""How long `start` waits for the first open attempt before returning anyway."""
+IDLE_CHECK_S = 1.0
+"""An idle playback device is checked this often (a vanished USB card shows up here)."""
+WARN_INTERVAL_S = 5.0
+
+
+class DeviceError(Exception):
+    """The PCM reported a state harkd cannot recover in place; the device is reopened."""
+
+
+class _Throttled:
+    """A warning that is logged at most once per interval, with a count of the rest."""
+
+    def __init__(self, message: str, interval_s: float = WARN_INTERVAL_S) -> None:
+        self._message = message
+        self._interval_s = interval_s
+        self._last = -float("inf")
+        self._count = 0
+
+    def __call__(self, *args: object) -> None:
+        self._count += 1
+        now = time.monotonic()
+        if now - self._last >= self._interval_s:
+            log.warning(self._message + " (%d times)", *args, self._count)
+            self._last = now
+            self._count = 0
+
+
+class _Edge:
+    """Failure bookkeeping shared by both directions: report once, retry with backoff."""
+
+    def __init__(self, device: str) -> None:
+        self.name = device
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._listener: DeviceListener | None = None
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._first_attempt: asyncio.Future[None] | None = None
+        self._failed = False
+
+    async def _start_thread(self, listener: DeviceListener, kind: str) -> None:
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._listener = listener
+        self._stopping.clear()
+        self._first_attempt = self._loop.create_future()
+        self._thread = threading.Thread(
+            target=self._thread_main, name=f"alsa-{kind} {self.name}", daemon=True
+        )
+        self._thread.start()
+        # Return once the device is open (or known to be failing), so that the
+        # first frames or the first answer are not lost to a still-opening device.
+        try:
+            await asyncio.wait_for(asyncio.shield(self._first_attempt), START_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("%s: still opening after %.0f s", self.name, START_TIMEOUT_S)
+
+    async def _stop_thread(self) -> None:
+        self._stopping.set()
+        self._wake()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            await asyncio.to_thread(thread.join, JOIN_TIMEOUT_S)
+            if thread.is_alive():
+                log.warning("%s: device thread still busy after %.0f s", self.name, JOIN_TIMEOUT_S)
+
+    def _thread_main(self) -> None:
+        raise NotImplementedError
+
+    def _wake(self) -> None:
+        """Interrupt the thread's wait (the output thread sleeps on an Event)."""
+
+    def _call_soon(self, callback: Callable[..., object], *args: Any) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            self._stopping.set()
+
+    def _attempted(self) -> None:
+        def settle(future: asyncio.Future[None]) -> None:
+            if not future.done():
+                future.set_result(None)
+
+        if self._first_attempt is not None:
+            self._call_soon(settle, self._first_attempt)
+
+    def _report_failure(self, message: str) -> None:
+        if self._failed:
+            log.debug("%s: still failing: %s", self.name, message)
+            return
+        self._failed = True
+        log.warning("audio device %s failed: %s (retrying)", self.name, message)
+        if self._listener is not None:
+            self._call_soon(self._listener.device_failed, self.name, message)
+
+    def _report_working(self) -> None:
+        if not self._failed:
+            return
+        self._failed = False
+        log.info("audio device %s recovered", self.name)
+        if self._listener is not None:
+            self._call_soon(self._listener.device_recovered, self.name)
+
+    def _backoff(self, delay_s: float) -> float:
+        """Wait `delay_s` (or until stopped) and return the next delay."""
+        self._stopping.wait(delay_s)
+        return min(delay_s * 2, BACKOFF_MAX_S)
+
+
+class AlsaInput(_Edge):
+    """An ALSA capture PCM as a microphone (implements `AudioInput`).
+
+    Opens mono (or `channel + 1` channels to pick a channel other than the first);
+    a device that refuses mono is opened with more channels and `channel` is picked.
+    If the device runs at another rate than asked, frames are resampled to `rate`, so
+    `sample_rate` always holds. `max_queued_frames` bounds the queue to the loop.
+    """
+
+    def __init__(
+        self,
+        device: str = "default",
+        rate: int = 16000,
+        period_ms: int = 20,
+        channel: int = 0,
+        *,
+        max_queued_frames: int = 50,
+    ) -> None:
+        super().__init__(device)
+        self.sample_rate = rate
+        self.period_ms = period_ms
+        self.channel = channel
+        self._frame_bytes = max(1, rate * period_ms // 1000) * 2
+        self._max_queued = max_queued_frames
+        self._queue: asyncio.Queue[AudioFrame | None] | None = None
+        self._warn_dropped = _Throttled(f"{device}: capture consumer too slow, dropped a frame")
+        self._warn_overrun = _Throttled(f"{device}: capture overrun, recovered")
+
+    async def start(self, listener: DeviceListener) -> None:
+        """Start the capture thread; returns once the device opened or failed once."""
+        if self._thread is None:  # a fresh queue: a restart must not see the old end
+            self._queue = asyncio.Queue(self._max_queued)
+        await self._start_thread(listener, "capture")
+
+    async def frames(self) -> AsyncIterator[AudioFrame]:
+        """Captured frames of `period_ms`, in order, until `stop`."""
+        if self._queue is None:
+            raise RuntimeError(f"{self.name}: start() the input before reading frames")
+        queue = self._queue
+        while (frame := await queue.get()) is not None:
+            yield frame
+
+    async def stop(self) -> None:
+        """Stop capturing, release the device and end `frames`."""
+        await self._stop_thread()
+        if self._queue is not None:
+            self._put(None)
+
+    def _put(self, frame: AudioFrame | None) -> None:
+        """On the loop: enqueue, dropping the oldest frame when the consumer lags."""
+        queue = self._queue
+        if queue is None:
+            return
+        if queue.full():
+            queue.get_nowait()
+            if frame is not None:
+                self._warn_dropped()
+        queue.put_nowait(frame)
+
+    def _thread_main(self) -> None:
+        delay = BACKOFF_INITIAL_S
+        while not self._stopping.is_set():
+            try:
+                pcm, channels, rate = self._open()
+            except alsaaudio.ALSAAudioError as exc:
+                self._report_failure(str(exc))
+                self._attempted()
+                delay = self._backoff(delay)
+                continue
+            self._report_working()
+            self._attempted()
+            delay = BACKOFF_INITIAL_S
+            try:
+                self._capture(pcm, channels, rate)
+            except (alsaaudio.ALSAAudioError, DeviceError) as exc:
+                self._report_failure(str(exc))
+                self._backoff(BACKOFF_INITIAL_S)
+            finally:
+                pcm.close()
+
+    def _open(self) -> tuple[alsaaudio.PCM, int, int]:
+        period = max(1, self.sample_rate * self.period_ms // 1000)
+        wanted = 1 if self.channel == 0 else self.channel + 1
+
+        def open_with(channels: int) -> alsaaudio.PCM:
+            return alsaaudio.PCM(
+                alsaaudio.PCM_CAPTURE,
+                alsaaudio.PCM_NORMAL,
+                device=self.name,
+                channels=channels,
+                rate=self.sample_rate,
+                format=alsaaudio.PCM_FORMAT_S16_LE,
+                periodsize=period,
+                periods=PERIODS,
+            )
+
+        try:
+            pcm = open_with(wanted)
+        except alsaaudio.ALSAAudioError:
+            if wanted >= 2:
+                raise
+            pcm = open_with(2)  # some hardware refuses mono capture
+        info = pcm.info()
+        channels, rate = int(info["channels"]), int(info["rate"])
+        problem = _format_problem(info)
+        if problem is None and self.channel >= channels:
+            problem = f"channel {self.channel} requested, the device has {channels}"
+        if problem is not None:
+            pcm.close()
+            raise alsaaudio.ALSAAudioError(problem)
+        log.info(
+            "audio input %s: %d Hz, %d channel(s), period %d frames",
+            self.name,
+            rate,
+            channels,
+            info["period_size"],
+        )
+        return pcm, channels, rate
+
+    def _capture(self, pcm: alsaaudio.PCM, channels: int, rate: int) -> None:
+        resampler = None
+        if rate != self.sample_rate:
+            # Low quality keeps soxr's look-ahead (added latency) to a few ms.
+            resampler = StreamResampler(rate, self.sample_rate, quality="LQ")
+        pending = bytearray()
+        empty_reads = 0
+        while not self._stopping.is_set():
+            frames, data = pcm.read()
+            captured_at = time.monotonic()
+            if frames < 0:
+                self._warn_overrun()  # pyalsaaudio already re-prepared the stream
+                continue
+            if frames == 0:
+                empty_reads += 1
+                if empty_reads > 100:
+                    raise DeviceError("the device returns no audio")
+                self._stopping.wait(self.period_ms / 2000)
+                continue
+            empty_reads = 0
+            if channels > 1:
+                usable = len(data) - len(data) % (2 * channels)
+                samples = np.frombuffer(data[:usable], dtype="<i2").reshape(-1, channels)
+                data = np.ascontiguousarray(samples[:, self.channel]).tobytes()
+            if resampler is not None:
+                data = resampler.process(data)
+            pending += data
+            while len(pending) >= self._frame_bytes:
+                chunk = bytes(pending[: self._frame_bytes])
+                del pending[: self._frame_bytes]
+                frame = AudioFrame(chunk, self.sample_rate, captured_at)
+                self._call_soon(self._put, frame)
+
+
+class AlsaOutput(_Edge):
+    """An ALSA playback PCM as the speaker (implements `AudioOutput`).
+
+    `rate` is the rate asked of the device (24000 avoids resampling the provider's
+    audio; a device that insists on another rate gets resampled audio). Mono is
+    asked for; a device that needs more channels gets the audio on every channel.
+    """
+
+    def __init__(
+        self, device: str = "default", rate: int = 24000, period_ms: int = 20, volume: int = 100
+    ) -> None:
+        super().__init__(device)
+        self.sample_rate = rate
+        self.period_ms = period_ms
+        self._buffer = PlaybackBuffer(rate, max(1, rate * period_ms // 1000), volume)
+        self._meter = LevelMeter(rate)
+        self._lock = threading.Lock()  # every call on the PCM object
+        self._wake_event = threading.Event()
+        self._drained_callbacks: list[Callable[[], None]] = []
+        # Guarded by _lock:
+        self._pcm: alsaaudio.PCM | None = None
+        self._buffer_size = 0
+        self._period = 0
+        self._channels = 1
+        self._running = False  # audio written since the stream was last prepared
+        self._padded = False  # the silence tail is in the device
+        self._remainder = b""  # popped device bytes the device has not accepted yet
+        # Loop-thread state:
+        self._playing = False
+        self._pushes = 0
+        self._ready = False  # the device is open; audio played while it is not is dropped
+
+    async def start(self, listener: DeviceListener) -> None:
+        """Start the playback thread; returns once the device opened or failed once."""
+        await self._start_thread(listener, "playback")
+
+    async def stop(self) -> None:
+        """Drop what is queued and release the device."""
+        self.stop_playback()
+        await self._stop_thread()
+
+    def play(self, item_id: str, pcm: bytes) -> None:
+        """Queue 24 kHz PCM16 audio of one item; never blocks.
+
+        While the device is failing the audio is dropped (it could not be heard, and
+        playing it late after a recovery would be worse).
+        """
+        if not self._ready:
+            return
+        self._buffer.push(item_id, pcm)
+        self._pushes += 1
+        self._playing = True
+        self._wake_event.set()
+
+    def stop_playback(self) -> dict[str, int]:
+        """Silence now: drop the buffer and the device's queue (`snd_pcm_drop`).
+
+        Returns each item's milliseconds heard, measured at the drop. Does not call
+        `on_drained` (the caller knows). The stream is re-prepared by the playback
+        thread right away, ready for the next answer without reopening.
+        """
+        with self._lock:
+            queued = self._queued_frames()
+            played = self._buffer.stop(queued)
+            if self._pcm is not None and self._running:
+                try:
+                    self._pcm.drop()
+                except alsaaudio.ALSAAudioError as exc:
+                    log.debug("%s: drop failed: %s", self.name, exc)
+            self._running = False
+            self._padded = False
+            self._remainder = b""
+        self._playing = False
+        self._pushes += 1  # a drain already on its way to the loop is stale now
+        self._wake_event.set()
+        return played
+
+    def played_ms(self, item_id: str) -> int:
+        """Milliseconds of the item's audio that have left the speaker so far."""
+        with self._lock:
+            queued = self._queued_frames()
+            return self._buffer.played_ms(item_id, queued)
+
+    @property
+    def is_playing(self) -> bool:
+        """True from `play` until the audio has been heard (or dropped)."""
+        return self._playing
+
+    def set_volume(self, volume: int) -> None:
+        """Software gain, 0..100 (square law), heard within the device buffer (80 ms)."""
+        self._buffer.set_volume(volume)
+
+    def on_drained(self, callback: Callable[[], None]) -> None:
+        """Call `callback` on the loop whenever all played audio has been heard."""
+        self._drained_callbacks.append(callback)
+
+    def meter(self) -> MeterReading:
+        """Level and spectrum of the audio being written to the device."""
+        return self._meter.reading()
+
+    def _wake(self) -> None:
+        self._wake_event.set()
+
+    def _queued_frames(self) -> int:
+        """Frames still queued in the device (caller holds the lock)."""
+        if self._pcm is None or not self._running:
+            return 0
+        avail = int(self._pcm.avail())
+        if avail < 0:  # underrun (everything was played) or dropped
+            return 0
+        return max(0, self._buffer_size - avail)
+
+    def _drained(self, pushes: int) -> None:
+        """On the loop: the device played everything up to push number `pushes`."""
+        if pushes != self._pushes or not self._playing:
+            return  # new audio arrived meanwhile, or stop_playback already answered
+        self._playing = False
+        for callback in list(self._drained_callbacks):
+            try:
+                callback()
+            except Exception:
+                log.exception("%s: on_drained callback failed", self.name)
+
+    def _set_ready(self, ready: bool) -> None:
+        self._ready = ready
+
+    def _lost(self, pushes: int) -> None:
+        """On the loop: the device failed; what was queued will never be heard."""
+        self._ready = False
+        self._drained(pushes)
+
+    def _thread_main(self) -> None:
+        delay = BACKOFF_INITIAL_S
+        while not self._stopping.is_set():
+            try:
+                pcm = self._open()
+            except alsaaudio.ALSAAudioError as exc:
+                self._report_failure(str(exc))
+                self._attempted()
+                delay = self._backoff(delay)
+                continue
+            self._call_soon(self._set_ready, True)
+            self._report_working()
+            self._attempted()
+            delay = BACKOFF_INITIAL_S
+            try:
+                self._write_loop()
+            except (alsaaudio.ALSAAudioError, DeviceError) as exc:
+                self._report_failure(str(exc))
+                with self._lock:
+                    self._buffer.stop(0)
+                    self._running = False
+                    self._remainder = b""
+                self._call_soon(self._lost, self._pushes)
+                self._backoff(BACKOFF_INITIAL_S)
+            finally:
+                with self._lock:
+                    self._pcm = None
+                    with contextlib.suppress(alsaaudio.ALSAAudioError):
+                        pcm.drop()  # close() drains a playback PCM: drop first
+                    pcm.close()
+        self._call_soon(self._set_ready, False)
+
+    def _open(self) -> alsaaudio.PCM:
+        period = max(1, self.sample_rate * self.period_ms // 1000)
+
+        def open_with(channels: int) -> alsaaudio.PCM:
+            return alsaaudio.PCM(
+                alsaaudio.PCM_PLAYBACK,
+                alsaaudio.PCM_NONBLOCK,
+                device=self.name,
+                channels=channels,
+                rate=self.sample_rate,
+                format=alsaaudio.PCM_FORMAT_S16_LE,
+                periodsize=period,
+                periods=PERIODS,
+            )
+
+        try:
+            pcm = open_with(1)
+        except alsaaudio.ALSAAudioError:
+            pcm = open_with(2)  # some hardware refuses mono playback
+        info = pcm.info()
+        problem = _format_problem(info)
+        if problem is not None:
+            pcm.close()
+            raise alsaaudio.ALSAAudioError(problem)
+        rate = int(info["rate"])
+        with self._lock:
+            self._pcm = pcm
+            self._channels = int(info["channels"])
+            self._period = int(info["period_size"])
+            self._buffer_size = int(info["buffer_size"])
+            self._running = False
+            self._padded = False
+            self._remainder = b""
+            if rate != self._buffer.device_rate or self._period != self._buffer.period_frames:
+                self._buffer = PlaybackBuffer(rate, self._period, self._buffer.volume)
+                self._meter = LevelMeter(rate)
+        log.info(
+            "audio output %s: %d Hz, %d channel(s), period %d frames, buffer %d frames",
+            self.name,
+            rate,
+            self._channels,
+            self._period,
+            self._buffer_size,
+        )
+        return pcm
+
+    def _write_loop(self) -> None:
+        while not self._stopping.is_set():
+            self._wake_event.clear()
+            with self._lock:
+                # Snapshot first: a push after it makes this round's drain stale.
+                pushes = self._pushes
+                timeout, drained = self._service()
+            if drained:
+                self._call_soon(self._drained, pushes)
+            self._wake_event.wait(timeout)
+
+    def _service(self) -> tuple[float, bool]:
+        """One round of the writer (lock held): write what fits, detect the drain.
+
+        Returns how long to sleep and whether the real audio has all been heard.
+        """
+        pcm = self._pcm
+        assert pcm is not None
+        rate = self._buffer.device_rate
+        period_s = self._period / rate
+        avail = self._avail(pcm)
+        queued = self._buffer_size - avail
+        unplayed = self._buffer.unplayed_frames(queued)
+        starving = unplayed <= self._period
+        if avail > 0:
+            data = self._remainder or self._buffer.pop(avail, flush=starving)
+            if data is None and self._running and starving and not self._padded:
+                # The answer (or a late delta) ends here: underrun in silence, not on audio.
+                data = self._buffer.silence(min(avail, self._period))
+                self._padded = True
+                self._write(pcm, data, meter=False)
+                return period_s / 2, False
+            if data:
+                self._padded = False
+                written = self._write(pcm, data, meter=not self._remainder)
+                if written:
+                    avail -= written
+                    unplayed += written
+        if self._buffer.has_audio or self._remainder:
+            # Sleep until a period of room frees up.
+            room_in = (self._period - avail) / rate
+            return max(period_s / 4, room_in), False
+        if self._running:
+            if unplayed > 0:
+                # Wake when it is time to pad (before) or to stop (after padding).
+                until = unplayed if self._padded else unplayed - self._period
+                return max(period_s / 4, until / rate), False
+            # Everything real was heard; only silence (if anything) remains: stop cleanly.
+            self._running = False
+            self._padded = False
+            self._rearm(pcm)
+            self._buffer.forget_played()
+            return IDLE_CHECK_S, True
+        return IDLE_CHECK_S, False
+
+    def _avail(self, pcm: alsaaudio.PCM) -> int:
+        """Room in the device buffer, recovering xruns and dropped streams in place."""
+        avail = int(pcm.avail())
+        state = pcm.state()
+        if avail == -errno.EPIPE or state in _REARM_STATES:
+            xrun = state == alsaaudio.PCM_STATE_XRUN or avail == -errno.EPIPE
+            if xrun and (self._buffer.unplayed_frames(0) > 0 or self._buffer.has_audio):
+                log.debug("%s: playback underrun", self.name)
+            # Everything queued was played (xrun) or dropped: the device holds nothing.
+            self._running = False
+            self._padded = False
+            self._rearm(pcm)
+            avail = int(pcm.avail())
+        if avail < 0:
+            raise DeviceError(f"{os.strerror(-avail)} [{self.name}]")
+        return min(avail, self._buffer_size)
+
+    def _rearm(self, pcm: alsaaudio.PCM) -> None:
+        """Bring the stream back to PREPARED (stopped, empty, ready to start on a write)."""
+        if pcm.state() != alsaaudio.PCM_STATE_SETUP:
+            pcm.drop()
+        # pyalsaaudio prepares a stream in SETUP state before writing; an empty write
+        # does only that, so the next answer starts without the round trip.
+        pcm.write(b"")
+
+    def _write(self, pcm: alsaaudio.PCM, data: bytes, *, meter: bool) -> int:
+        """Write mono device-rate audio; returns the frames the device accepted."""
+        if self._remainder is data:
+            device_bytes = data
+        else:
+            device_bytes = _to_channels(data, self._channels)
+            if meter:
+                self._meter.feed(data)
+        frame_bytes = 2 * self._channels
+        result = pcm.write(device_bytes)
+        if result == -errno.EPIPE:
+            result = pcm.write(device_bytes)  # the underrun was recovered: write again
+        written = max(0, int(result))
+        if written:
+            self._running = True
+            self._buffer.record_written(written)
+        self._remainder = device_bytes[written * frame_bytes :]
+        return written
+
+
+_REARM_STATES = (
+    alsaaudio.PCM_STATE_SETUP,
+    alsaaudio.PCM_STATE_XRUN,
+    alsaaudio.PCM_STATE_SUSPENDED,
+)
+
+
+def _to_channels(mono: bytes, channels: int) -> bytes:
+    if channels == 1:
+        return mono
+    samples = np.frombuffer(mono, dtype="<i2")
+    return np.repeat(samples, channels).astype("<i2", copy=False).tobytes()
+
+
+def _format_problem(info: dict[str, Any]) -> str | None:
+    if info.get("format") != alsaaudio.PCM_FORMAT_S16_LE:
+        return (
+            f"the device does not take 16-bit samples (got {info.get('format_name')}); "
+            "use a plughw: or default device"
+        )
+    return None
+
+
+def list_devices() -> str:
+    """A readable list of ALSA PCMs and cards, for `harkd devices`."""
+    lines = ["Capture PCMs (audio.input.device):"]
+    lines += [f"  {name}" for name in alsaaudio.pcms(alsaaudio.PCM_CAPTURE)] or ["  (none)"]
+    lines += ["", "Playback PCMs (audio.output.device):"]
+    lines += [f"  {name}" for name in alsaaudio.pcms(alsaaudio.PCM_PLAYBACK)] or ["  (none)"]
+    lines += ["", "Cards:"]
+    cards = alsaaudio.card_indexes()
+    for index in cards:
+        card_id, long_name = alsaaudio.card_name(index)
+        lines.append(f"  {index}: {card_id} - {long_name}  (plughw:{index} or hw:{index})")
+    if not cards:
+        lines.append("  (none: no sound card is visible to this user; is it in group audio?)")
+    lines += [
+        "",
+        "Which name to use:",
+        "  default          what the system routes to (often PulseAudio/PipeWire)",
+        "  pulse, pipewire  through the sound server (shares the device with other programs)",
+        "  plughw:N         card N directly, ALSA converts rate, format and channels (recommended)",
+        "  hw:N             card N raw: only its native rates and formats",
+        "  file:PATH.wav    a WAV file (input: played in real time; output: written)",
+    ]
+    return "\n".join(lines)
