@@ -1,0 +1,159 @@
+"""Paced, hardware-like audio through the ALSA `pulse` PCM into a PulseAudio null sink.
+
+What a user notices: a barge-in silences the room within a period, the truncation
+point matches what was heard, the speaker works again right after, and a vanished
+device is reported and picked up again when it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from harkd.audio.alsa import AlsaInput, AlsaOutput
+from pulse_fixture import PulseServer, PulseUnavailable, Recording
+
+pytestmark = pytest.mark.pulse
+
+BLOCK = 120  # 5 ms at 24 kHz
+
+
+@pytest.fixture(scope="session")
+def pulse() -> Iterator[PulseServer]:
+    try:
+        server = PulseServer.start_new()
+    except PulseUnavailable as exc:
+        pytest.skip(f"PulseAudio cannot start here: {exc}")
+    with server:
+        yield server
+
+
+class Listener:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, float]] = []
+
+    def device_failed(self, device: str, message: str) -> None:
+        self.events.append(("failed", time.monotonic()))
+
+    def device_recovered(self, device: str) -> None:
+        self.events.append(("recovered", time.monotonic()))
+
+    async def wait_for(self, kind: str, timeout_s: float) -> float:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for event, at in self.events:
+                if event == kind:
+                    return at
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"no {kind} within {timeout_s} s: {self.events}")
+
+
+def tone(ms: int, freq: float = 440.0) -> bytes:
+    t = np.arange(24 * ms) / 24000
+    return np.rint(8000 * np.sin(2 * np.pi * freq * t)).astype("<i2").tobytes()
+
+
+def sound_span(recording: Recording) -> tuple[int, int]:
+    """(first loud block, first silent block after it) of a recording, in 5 ms blocks."""
+    samples = recording.samples().astype(float)
+    count = len(samples) // BLOCK
+    rms = np.sqrt((samples[: count * BLOCK].reshape(count, BLOCK) ** 2).mean(axis=1))
+    loud = np.nonzero(rms > 1000)[0]
+    assert len(loud), "nothing was heard"
+    onset = int(loud[0])
+    return onset, onset + int(np.argmax(rms[onset:] < 100))
+
+
+@pytest.mark.parametrize("rate", [24000, 48000])
+async def test_barge_in_silences_the_room_and_reports_what_was_heard(
+    pulse: PulseServer, rate: int, record_property: pytest.RecordProperty
+) -> None:
+    speaker = AlsaOutput("pulse", rate=rate, period_ms=20)
+    await speaker.start(Listener())
+    recording = pulse.record(24000)
+    await asyncio.sleep(0.2)
+    speaker.play("a", tone(2000))
+    await asyncio.sleep(0.6)
+    stopped_at = time.monotonic()
+    played = speaker.stop_playback()
+    stop_call_ms = (time.monotonic() - stopped_at) * 1000
+    assert not speaker.is_playing
+    await asyncio.sleep(0.3)
+    recording.stop()
+    onset, silent = sound_span(recording)
+    heard_ms = (silent - onset) * BLOCK / 24
+    silence_after_ms = (recording.arrival_of(silent * BLOCK) - stopped_at) * 1000
+    error_ms = played["a"] - heard_ms
+    record_property("silence_after_stop_ms", round(silence_after_ms, 1))
+    record_property("played_error_ms", round(error_ms, 1))
+    print(
+        f"rate {rate}: silent {silence_after_ms:.1f} ms after stop_playback "
+        f"({stop_call_ms:.2f} ms in the call); played_ms {played['a']} vs heard "
+        f"{heard_ms:.0f} ms (error {error_ms:+.0f} ms)"
+    )
+    # Targets: one period (20 ms) + 10 ms, and 40 ms; margins for CI noise and the
+    # recorder's own 5 ms latency and block size.
+    assert silence_after_ms < 20 + 10 + 25
+    assert abs(error_ms) <= 40 + 10
+
+    # The device is ready again without reopening: the next answer is heard in full.
+    drained = asyncio.Event()
+    speaker.on_drained(drained.set)
+    recording = pulse.record(24000)
+    await asyncio.sleep(0.1)
+    started = time.monotonic()
+    speaker.play("b", tone(300, 880.0))
+    await asyncio.wait_for(drained.wait(), 3)
+    drained_after_ms = (time.monotonic() - started) * 1000
+    await asyncio.sleep(0.1)
+    recording.stop()
+    await speaker.stop()
+    onset, silent = sound_span(recording)
+    assert (silent - onset) * BLOCK / 24 == pytest.approx(300, abs=15)
+    assert 280 < drained_after_ms < 450
+    assert speaker.played_ms("b") == 300
+
+
+async def test_vanished_device_is_reported_and_recovered(pulse: PulseServer) -> None:
+    out_listener, in_listener = Listener(), Listener()
+    speaker = AlsaOutput("pulse", rate=24000)
+    mic = AlsaInput("pulse", rate=16000)  # the default source: the room's monitor
+    await speaker.start(out_listener)
+    await mic.start(in_listener)
+    frames: list[float] = []
+
+    async def capture() -> None:
+        async for frame in mic.frames():
+            frames.append(frame.captured_at)
+
+    capturing = asyncio.create_task(capture())
+    try:
+        speaker.play("a", tone(3000))
+        await asyncio.sleep(0.3)
+        assert frames, "capture delivers frames"
+        pulse.unload_sink()
+        await out_listener.wait_for("failed", 3)
+        await in_listener.wait_for("failed", 3)
+        assert not speaker.is_playing
+        speaker.play("b", tone(100))  # nobody can hear it: dropped, not queued
+        assert not speaker.is_playing
+        pulse.load_sink()
+        await out_listener.wait_for("recovered", 12)
+        await in_listener.wait_for("recovered", 12)
+        count = len(frames)
+        drained = asyncio.Event()
+        speaker.on_drained(drained.set)
+        speaker.play("c", tone(200))
+        await asyncio.wait_for(drained.wait(), 3)
+        assert speaker.played_ms("c") == 200
+        await asyncio.sleep(0.1)
+        assert len(frames) > count, "capture resumed"
+        assert [e for e, _ in out_listener.events] == ["failed", "recovered"]
+        assert [e for e, _ in in_listener.events] == ["failed", "recovered"]
+    finally:
+        await mic.stop()
+        await speaker.stop()
+        await asyncio.wait_for(capturing, 2)
