@@ -450,7 +450,8 @@ class RealtimeClient:
             await serving  # always ends by raising
         except ConnectionLost as lost:
             code = lost.code
-            log.warning("realtime connection lost: %s", lost)
+            if self._want_connected.is_set() and not self._rollover_pending:
+                log.warning("realtime connection lost: %s", lost)
         except AuthenticationFailed as exc:
             self._conn_error = RealtimeError("invalid_api_key", str(exc))
         finally:
@@ -566,13 +567,29 @@ class RealtimeClient:
 
     def device_failed(self, device: str, message: str) -> None:
         """DeviceListener: an audio device failed; the edge keeps retrying."""
-        self._device_errors[device] = RealtimeError("audio_device", f"{device}: {message}")
-        self._changed()
+        self._report(device, RealtimeError("audio_device", f"{device}: {message}"))
 
     def device_recovered(self, device: str) -> None:
         """DeviceListener: the device works again."""
-        self._device_errors.pop(device, None)
+        self.report_recovered(device)
+
+    def report_failure(self, part: str, message: str) -> None:
+        """A part of the daemon failed and is being restarted: show it as the error."""
+        self._report(part, RealtimeError("part_failed", f"{part}: {message}"))
+
+    def report_recovered(self, part: str) -> None:
+        """The part (or device) named in an earlier failure works again."""
+        if self._device_errors.pop(part, None) is not None:
+            self._changed()
+
+    def _report(self, part: str, error: RealtimeError) -> None:
+        log.warning("%s", error.message)
+        self._device_errors[part] = error
         self._changed()
+
+    async def stop_audio(self) -> None:
+        """Stop capture and playback (first step of an orderly shutdown)."""
+        await self._stop_audio()
 
     def _on_drained(self) -> None:
         self._quiet_since = time.monotonic()

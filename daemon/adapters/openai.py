@@ -348,7 +348,15 @@ class OpenAIConnection:
 
     async def setup(self, settings: ev.SessionSettings) -> None:
         """`session.created`, then our `session.update`, until `session.updated`."""
-        await self._ws.send(json.dumps(self._stamp(session_update(settings))))
+        try:
+            await self._ws.send(json.dumps(self._stamp(session_update(settings))))
+            await self._await_updated()
+        except ConnectionClosed as exc:
+            raise _as_failure(_lost(exc)) from None
+        except ConnectionLost as exc:
+            raise _as_failure(exc) from None
+
+    async def _await_updated(self) -> None:
         while True:
             event = decode(await self._receive())
             if isinstance(event, ev.SessionUpdated):
@@ -396,9 +404,13 @@ class OpenAIConnection:
         for event in self._early:
             on_event(event)
         self._early.clear()
-        async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self._write(), name="ws-writer")
-            tasks.create_task(self._read(on_event), name="ws-reader")
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._write(), name="ws-writer")
+                tasks.create_task(self._read(on_event), name="ws-reader")
+        except* (ConnectionLost, ConnectionFailed) as group:
+            # Reader and writer see the same close: report it once, unwrapped.
+            raise _first(group) from None
 
     async def _read(self, on_event: Callable[[ev.ServerEvent], None]) -> None:
         while True:
@@ -430,3 +442,13 @@ def _lost(exc: ConnectionClosed) -> ConnectionFailed | ConnectionLost:
     if code in AUTH_CLOSE_CODES or "invalid_api_key" in reason:
         return AuthenticationFailed(reason or "authentication failed")
     return ConnectionLost(code, reason or "connection dropped")
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    return _first(first) if isinstance(first, BaseExceptionGroup) else first
+
+
+def _as_failure(exc: ConnectionFailed | ConnectionLost) -> ConnectionFailed:
+    """A close during setup is a failed attempt, not a lost session."""
+    return exc if isinstance(exc, ConnectionFailed) else ConnectionFailed(str(exc))

@@ -1,0 +1,169 @@
+"""The `harkd` command line. Exit codes: 0 success, 1 runtime failure, 2 bad usage
+or bad configuration."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import faulthandler
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from harkd.config import Config, ConfigError, JournalConfig, find_config, load_config
+from harkd.logsetup import configure_logging, register_secret
+from pydantic import ValidationError
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `harkd` console script."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    command: Callable[[argparse.Namespace], int] = args.run
+    try:
+        return command(args)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="harkd", description="Headless realtime voice daemon for edge hardware."
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(
+        name: str, run: Callable[[argparse.Namespace], int], help_: str
+    ) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_, description=help_)
+        sub.set_defaults(run=run)
+        return sub
+
+    def with_config(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sub.add_argument(
+            "-c",
+            "--config",
+            help="config file (default: $HARKD_CONFIG, ./config.yaml, /etc/harkd/config.yaml)",
+        )
+        return sub
+
+    with_config(command("run", _run, "run the daemon in the foreground"))
+    with_config(command("check-config", _check_config, "validate and print the resolved config"))
+    command("devices", _devices, "list ALSA capture and playback devices")
+    with_config(command("plugins", _plugins, "list plugins and the tools they register"))
+    monitor = with_config(command("monitor", _monitor, "live view of harkd devices over MQTT"))
+    monitor.add_argument("--device", help="one device id (default: every device on the broker)")
+    history = with_config(command("history", _history, "print the last conversations"))
+    history.add_argument("-n", type=int, default=3, help="how many conversations (default 3)")
+    fake = command("fake-server", _fake_server, "run the local OpenAI-protocol fake server")
+    fake.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    fake.add_argument("--port", type=int, default=8765)
+    demo = command("demo", _demo, "the main job on embedded defaults, no key or hardware needed")
+    demo.add_argument("--speaker", help="ALSA PCM or file:PATH.wav for the answer audio")
+    demo.add_argument("--state-dir", help="where the demo keeps its journal (default: a temp dir)")
+    return parser
+
+
+def _load(args: argparse.Namespace) -> tuple[Config, Path | None]:
+    path = find_config(getattr(args, "config", None))
+    config = load_config(path)
+    for secret in (config.api_key(), config.mqtt_password()):
+        if secret:
+            register_secret(secret)
+    return config, path
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    configure_logging("warning")
+    config, path = _load(args)
+    print(f"# {path or 'built-in defaults'}: valid")
+    print(yaml.safe_dump(config.redacted(), sort_keys=False, allow_unicode=True), end="")
+    return EXIT_OK
+
+
+def _run(args: argparse.Namespace) -> int:
+    from harkd.service import run_daemon
+
+    faulthandler.enable()  # a watchdog SIGABRT then shows where the loop hung
+    configure_logging("info")
+    config, path = _load(args)
+    configure_logging(config.log_level)
+    return asyncio.run(run_daemon(config, path))
+
+
+def _devices(args: argparse.Namespace) -> int:
+    from harkd.audio.alsa import list_devices
+
+    print(list_devices())
+    return EXIT_OK
+
+
+def _plugins(args: argparse.Namespace) -> int:
+    from harkd.plugins import describe_plugins
+
+    configure_logging("warning")
+    config, _ = _load(args)
+    print(describe_plugins(config.plugins))
+    return EXIT_OK
+
+
+def _monitor(args: argparse.Namespace) -> int:
+    from harkd.monitor import run_monitor
+
+    configure_logging("warning")
+    config, _ = _load(args)
+    asyncio.run(run_monitor(config.mqtt, config.mqtt_password(), args.device))
+    return EXIT_OK
+
+
+def _history(args: argparse.Namespace) -> int:
+    from harkd.journal import TranscriptJournal, format_history
+
+    configure_logging("warning")
+    state_dir, journal = _journal_settings(find_config(args.config))
+    path = state_dir / "transcripts.jsonl"
+    records = TranscriptJournal(path, journal.max_bytes, journal.keep).read_last(
+        max(1, args.n) * 500
+    )
+    print(format_history(records, args.n) or f"no conversations in {path}")
+    return EXIT_OK
+
+
+def _journal_settings(path: Path | None) -> tuple[Path, JournalConfig]:
+    """Only what `history` needs: it must work without the API key's credentials."""
+    raw: Any = yaml.safe_load(path.read_text(encoding="utf-8")) if path and path.exists() else {}
+    raw = raw if isinstance(raw, dict) else {}
+    state = os.environ.get("STATE_DIRECTORY") or raw.get("state_dir") or "/var/lib/harkd"
+    try:
+        journal = JournalConfig.model_validate(raw.get("journal") or {})
+    except ValidationError as exc:
+        raise ConfigError(str(path), [f"journal: {exc.errors()[0]['msg']}"]) from None
+    return Path(str(state).split(":")[0]), journal
+
+
+def _fake_server(args: argparse.Namespace) -> int:
+    from harkd.testing.fake_server import main as fake_main
+
+    return fake_main(["--port", str(args.port), *args.rest])
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from harkd.demo import run_demo
+
+    configure_logging("warning")
+    return asyncio.run(run_demo(speaker=args.speaker, state_dir=args.state_dir))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
