@@ -149,8 +149,6 @@ class RealtimeClient:
         self._volume = volume
         self._quiet_since = 0.0
         self._input_meter: LevelMeter | None = None
-        self._to_provider: StreamResampler | None = None
-        self._to_vad: StreamResampler | None = None
         self._vad_pending = b""
         self._payload_pending = b""
 
@@ -606,18 +604,26 @@ class RealtimeClient:
     async def _capture(self, source: AudioInput) -> None:
         rate = source.sample_rate
         self._input_meter = LevelMeter(rate)
-        self._to_provider = StreamResampler(rate, PROVIDER_RATE)
-        self._to_vad = StreamResampler(rate, VAD_RATE) if self._endpointer else None
+        to_provider = StreamResampler(rate, PROVIDER_RATE)
+        to_vad = StreamResampler(rate, VAD_RATE)
+        was_shut = False
         async for frame in source.frames():
             self._input_meter.feed(frame.pcm, frame.captured_at)
-            if self._mic_muted or self._mic_gated():
+            shut = self._mic_muted or self._mic_gated()
+            if shut:
+                if not was_shut and self._endpointer is not None and not self._endpointer.is_open:
+                    # What the VAD heard before the assistant spoke is no preroll for
+                    # what the user says after it.
+                    self._endpointer.reset()
+                was_shut = True
                 continue
-            pcm = self._to_provider.process(frame.pcm)
+            was_shut = False
+            pcm = to_provider.process(frame.pcm)
             if self._endpointer is None:
                 if pcm:
                     self._send_audio(pcm)
-            elif self._to_vad is not None:
-                self._feed_vad(self._endpointer, self._to_vad.process(frame.pcm), pcm)
+            else:
+                self._feed_vad(self._endpointer, to_vad.process(frame.pcm), pcm)
 
     def _send_audio(self, pcm: bytes) -> None:
         for effect in self._session.append_audio(pcm):
