@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from harkd.config import Config, ConfigError, JournalConfig, find_config, load_config
+from harkd.config import (
+    Config,
+    ConfigError,
+    JournalConfig,
+    _interpolate,
+    find_config,
+    load_config,
+)
 from harkd.logsetup import configure_logging, register_secret
 from pydantic import ValidationError
 
@@ -144,6 +151,14 @@ def _journal_settings(path: Path | None) -> tuple[Path, JournalConfig]:
     """Only what `history` needs: it must work without the API key's credentials."""
     raw: Any = yaml.safe_load(path.read_text(encoding="utf-8")) if path and path.exists() else {}
     raw = raw if isinstance(raw, dict) else {}
+    # `${NAME}` as `harkd run` reads it, but only in the keys used here: history must
+    # not need the variables that carry the credentials.
+    problems: list[str] = []
+    raw = _interpolate(
+        {k: raw[k] for k in ("state_dir", "journal") if k in raw}, (), os.environ, problems
+    )
+    if problems:
+        raise ConfigError(str(path), problems)
     state = os.environ.get("STATE_DIRECTORY") or raw.get("state_dir") or "/var/lib/harkd"
     try:
         journal = JournalConfig.model_validate(raw.get("journal") or {})

@@ -204,13 +204,27 @@ class Daemon:
 
     # --- MQTT and plugins -------------------------------------------------------------
 
-    def _start_mqtt(self, tasks: asyncio.TaskGroup, config: Config) -> None:
+    def _start_mqtt(
+        self,
+        tasks: asyncio.TaskGroup,
+        config: Config,
+        after: asyncio.Task[None] | None = None,
+    ) -> None:
         self.bridge = None
         if not config.mqtt.enabled:
             return
         bridge = MqttBridge(config.mqtt, config.device, config.mqtt_password(), self.client)
         self.bridge = bridge
-        self._supervise(tasks, "mqtt", bridge.run)
+
+        async def run() -> None:
+            if after is not None:
+                # Same client id: connecting before the old bridge has published offline
+                # and disconnected makes the broker take its session over (Last Will,
+                # a "connection lost" warning and a reconnect fight until it stops).
+                await asyncio.wait([after])
+            await bridge.run()
+
+        self._supervise(tasks, "mqtt", run)
 
     def _load_plugins(self, config: Config) -> None:
         mqtt_on = config.mqtt.enabled
@@ -325,7 +339,7 @@ class Daemon:
             part = self._parts.pop("mqtt", None)
             if part is not None:
                 part.task.cancel()  # publishes offline; the group awaits it
-            self._start_mqtt(tasks, new)
+            self._start_mqtt(tasks, new, after=part.task if part is not None else None)
         self.client.update_settings(
             instructions=new.realtime.instructions,
             voice=new.realtime.voice,
