@@ -237,9 +237,7 @@ class Daemon:
             subscribe=self._subscribe if mqtt_on else None,
         )
         source = str(self.config_path or "config")
-        self.plugins = load_plugins(config.plugins, host, source=source)
-        for problem in self.plugins.problems:
-            log.error("plugin left out: %s", problem)
+        self.plugins = load_plugins(config.plugins, host, source=source)  # logs problems
 
     # Plugins keep these two even when SIGHUP replaces the bridge.
     def _publish(

@@ -379,10 +379,19 @@ class OpenAIConnection:
         return data
 
     def send(self, command: ev.Command) -> None:
-        """Queue a command; appends go to the audio lane, the rest overtake them."""
+        """Queue a command; appends go to the audio lane, the rest overtake them
+        (except a commit, which follows the audio it commits)."""
         if isinstance(command, ev.AppendAudio):
             self._audio.append(json.dumps(encode(command)))
         else:
+            if isinstance(command, ev.CommitAudio):
+                # A commit must not overtake its turn's own audio.
+                self._control.extend(self._audio)
+                self._audio.clear()
+            elif isinstance(command, ev.ClearAudio):
+                # Queued audio would be cleared anyway; sent after the clear, it would
+                # leak into the next turn's buffer.
+                self._audio.clear()
             self._control.append(json.dumps(self._stamp(encode(command))))
         self._wakeup.set()
 

@@ -79,6 +79,9 @@ class PlaybackBuffer:
         self._written = 0
         self._real_end = 0
         self._final: OrderedDict[str, int] = OrderedDict()
+        # Heard of an item before it was retired (the device ran dry mid-item, e.g.
+        # deltas arriving in real time) and came back with more audio.
+        self._base: dict[str, int] = {}
 
     @property
     def volume(self) -> int:
@@ -97,8 +100,10 @@ class PlaybackBuffer:
             if item_id != self._item:
                 self._flush_resampler()
                 self._item = item_id
+            retired = self._final.pop(item_id, None)
+            if retired is not None and item_id not in self._received:
+                self._base[item_id] = retired  # keep counting from what was heard
             self._received[item_id] = self._received.get(item_id, 0) + len(pcm)
-            self._final.pop(item_id, None)
             out = self._resampler.process(pcm)
             self._held = not self._resampler.passthrough
             self._enqueue(item_id, out)
@@ -217,6 +222,7 @@ class PlaybackBuffer:
                     self._remember({item: self._played_ms(item, position)})
                     del self._received[item]
                     self._spans.pop(item, None)
+                    self._base.pop(item, None)
 
     def clear(self) -> None:
         """Drop all queued audio and the ledger (the device was dropped or lost)."""
@@ -247,7 +253,7 @@ class PlaybackBuffer:
         frames = sum(max(0, min(end, position) - start) for start, end in spans)
         played = frames * 1000 // self.device_rate
         received = self._received.get(item_id, 0) * 1000 // (2 * self.source_rate)
-        return min(played, received)
+        return self._base.get(item_id, 0) + min(played, received)
 
     def _remember(self, played: dict[str, int]) -> None:
         for item, ms in played.items():
@@ -262,6 +268,7 @@ class PlaybackBuffer:
         self._popped.clear()
         self._spans.clear()
         self._received.clear()
+        self._base.clear()
         self._resampler.reset()
         self._held = False
         self._item = None
