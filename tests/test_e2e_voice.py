@@ -1,0 +1,333 @@
+"""Spoken turns end to end with server VAD: real espeak speech from a paced WAV
+microphone, the fake realtime server over real websockets, a paced WAV speaker.
+
+What a user would notice: the assistant hears the sentence and answers it in full,
+the microphone is shut while the assistant talks (half duplex) unless barge-in is on,
+a muted microphone sends nothing, and an interruption cuts the answer where the
+listener stopped hearing it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+import wave
+from pathlib import Path
+from typing import Any
+
+import pytest
+from e2e import assert_all_valid, sent_types, until
+from harkd.adapters.openai import openai_realtime
+from harkd.audio.wav import WavInput, WavOutput
+from harkd.client import RealtimeClient, ReconnectPolicy
+from harkd.messages import MessageFinalized, RealtimeMode, RealtimeStatus
+from harkd.testing import FakeRealtimeServer, FakeScript
+from harkd.tokens import static_token
+from speech_fixtures import len_ms, silence, speech_pcm, write_wav
+
+pytestmark = pytest.mark.timeout(30)
+
+KEY = "sk-test-voice-0123456789"
+SENTENCE = "turn on the kitchen lights"
+ANSWER = "The kitchen lights are on now."  # 30 characters
+MS_PER_CHAR = 40.0
+LONG_ANSWER = (
+    "Sure. I am turning on the kitchen lights now, and while I am at it let me tell you "
+    "all about the weather for the rest of the week."
+)
+BYTES_PER_MS = 48  # PCM16 mono at 24 kHz
+
+
+class StampedServer(FakeRealtimeServer):
+    """The fake server, also noting when each client event arrived (monotonic s)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.arrivals: list[float] = []
+
+    async def _record(self, index: int, event: dict[str, Any]) -> None:
+        self.arrivals.append(time.monotonic())
+        await super()._record(index, event)
+
+    def arrivals_of(self, event_type: str) -> list[float]:
+        return [
+            t
+            for t, (_, e) in zip(self.arrivals, self.received, strict=True)
+            if e["type"] == event_type
+        ]
+
+
+@pytest.fixture(scope="module")
+def speech_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """0.5 s of silence, the sentence, 2 s of silence, 16 kHz (a quiet room after it)."""
+    path = tmp_path_factory.mktemp("voice") / "turn.wav"
+    write_wav(path, silence(500) + speech_pcm(SENTENCE) + silence(2000), 16000)
+    return path
+
+
+def make_client(server: FakeRealtimeServer, **options: Any) -> RealtimeClient:
+    defaults: dict[str, Any] = {
+        "get_token": static_token(KEY),
+        "adapter": openai_realtime(url=server.url),
+        "instructions": "Be brief.",
+        "transcription_model": "gpt-4o-mini-transcribe",
+        "reconnect": ReconnectPolicy(0.05, 0.2),
+    }
+    return RealtimeClient(**{**defaults, **options})
+
+
+class Running:
+    """A client running under its own `run()` task, as a supervisor would own it."""
+
+    def __init__(self, client: RealtimeClient) -> None:
+        self.client = client
+        self.task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> RealtimeClient:
+        self.task = asyncio.create_task(self.client.run())
+        await until(lambda: self.client.status is RealtimeStatus.CONNECTED, what="connected")
+        return self.client
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self.task is not None
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+
+
+def finals(client: RealtimeClient) -> list[MessageFinalized]:
+    found: list[MessageFinalized] = []
+    client.on_event(lambda e: found.append(e) if isinstance(e, MessageFinalized) else None)
+    return found
+
+
+def wav_ms(path: Path) -> float:
+    with wave.open(str(path), "rb") as wav:
+        assert (wav.getframerate(), wav.getnchannels(), wav.getsampwidth()) == (24000, 1, 2)
+        return wav.getnframes() / 24
+
+
+def appended_ms(server: FakeRealtimeServer) -> list[float]:
+    """Milliseconds of each `input_audio_buffer.append`, decoded as 24 kHz PCM16."""
+    return [
+        len(base64.b64decode(e["audio"])) / BYTES_PER_MS
+        for _, e in server.received
+        if e["type"] == "input_audio_buffer.append"
+    ]
+
+
+@pytest.mark.parametrize("barge_in", [False, True], ids=["half_duplex", "barge_in"])
+async def test_spoken_turn_is_heard_answered_and_played(
+    speech_wav: Path, tmp_path: Path, barge_in: bool
+) -> None:
+    script = FakeScript(user_transcripts=[SENTENCE], reply=ANSWER, audio_ms_per_char=MS_PER_CHAR)
+    modes: list[tuple[float, RealtimeMode]] = []
+    async with StampedServer(script=script, api_keys={KEY}) as server:
+        out_path = tmp_path / "answer.wav"
+        client = make_client(
+            server,
+            audio_input=WavInput(speech_wav),
+            audio_output=WavOutput(out_path),
+            barge_in=barge_in,
+            echo_tail_ms=300,
+            on_mode_change=lambda m: modes.append((time.monotonic(), m)),
+        )
+        done = finals(client)
+        async with Running(client):
+            await until(
+                lambda: any(m.message.role == "assistant" for m in done),
+                timeout_s=10,
+                what="the assistant's answer, heard to the end",
+            )
+            # Let the echo tail pass so the gate's reopening is observable too.
+            await asyncio.sleep(0.5)
+            session = server.sessions[0]
+            audio_in = session.config["audio"]["input"]
+            assert audio_in["format"] == {"type": "audio/pcm", "rate": 24000}
+            assert audio_in["turn_detection"]["type"] == "server_vad"
+            assert audio_in["turn_detection"]["interrupt_response"] is barge_in
+
+            # The server heard one utterance of about the sentence's length.
+            [(start, end)] = session.speech_segments
+            speech_ms = len_ms(speech_pcm(SENTENCE))
+            # start includes 300 ms prefix padding, end 500 ms of closing silence.
+            assert abs((end - start) - (speech_ms + 800)) < 150, (start, end, speech_ms)
+            assert session.auto_commits == 1 and session.commits == 0
+            assert len(session.responses) == 1
+            assert session.responses[0]["status"] == "completed"
+
+            # Appends are 24 kHz: 20 ms capture periods make ~20 ms chunks.
+            chunks = appended_ms(server)
+            assert len(chunks) > 50
+            assert abs(sum(chunks) / len(chunks) - 20) < 1
+
+            user, assistant = client.messages
+            assert (user.role, user.text) == ("user", SENTENCE)
+            assert (assistant.role, assistant.text) == ("assistant", ANSWER)
+            assert not assistant.interrupted
+            assert assistant.duration_ms == len(ANSWER) * MS_PER_CHAR
+            assert [m.message.id for m in done] == [user.id, assistant.id]
+
+            seen = [m for _, m in modes]
+            assert seen == [
+                RealtimeMode.LISTENING,
+                RealtimeMode.THINKING,
+                RealtimeMode.SPEAKING,
+                RealtimeMode.LISTENING,
+            ]
+            speaking_from = modes[2][0]
+            speaking_to = modes[3][0]
+            # Playback is paced: speaking lasts as long as the answer.
+            assert abs((speaking_to - speaking_from) * 1000 - len(ANSWER) * MS_PER_CHAR) < 150
+
+            # Appends that arrived while the assistant spoke (plus the echo tail); a
+            # margin at both ends covers chunks already in flight when the gate moved.
+            gate_from, gate_to = speaking_from + 0.06, speaking_to + 0.3 - 0.06
+            during = [
+                t
+                for t in server.arrivals_of("input_audio_buffer.append")
+                if gate_from < t < gate_to
+            ]
+            after = [
+                t for t in server.arrivals_of("input_audio_buffer.append") if t > speaking_to + 0.35
+            ]
+            if barge_in:
+                # Audio flows all the time: ~one chunk every 20 ms.
+                assert len(during) >= 0.8 * (gate_to - gate_from) / 0.02, len(during)
+            else:
+                assert during == [], f"{len(during)} appends while the assistant spoke"
+            assert len(after) >= 5, "the microphone reopens after the answer"
+            assert_all_valid(server)
+
+    # The speaker file holds the whole answer, and only it.
+    assert abs(wav_ms(out_path) - len(ANSWER) * MS_PER_CHAR) <= 20
+
+
+async def test_muted_microphone_sends_nothing(speech_wav: Path, tmp_path: Path) -> None:
+    async with StampedServer(script=FakeScript(reply=ANSWER), api_keys={KEY}) as server:
+        client = make_client(
+            server, audio_input=WavInput(speech_wav), audio_output=WavOutput(tmp_path / "o.wav")
+        )
+        client.set_mic_mute(True)
+        async with Running(client):
+            assert client.mic_muted
+            # The whole sentence and its closing silence go by.
+            await asyncio.sleep(len_ms(speech_pcm(SENTENCE)) / 1000 + 1.2)
+            assert "input_audio_buffer.append" not in sent_types(server)
+            session = server.sessions[0]
+            assert session.speech_segments == [] and session.responses == []
+            assert [m.role for m in client.messages] == []
+            assert client.mode is RealtimeMode.LISTENING
+            # Unmuted, the same microphone is heard again (the test is not vacuous).
+            client.set_mic_mute(False)
+            await until(
+                lambda: sent_types(server).count("input_audio_buffer.append") >= 5,
+                what="appends after unmuting",
+            )
+            assert_all_valid(server)
+
+
+def audio_delta(response_id: str, item_id: str, ms: int) -> dict[str, Any]:
+    return {
+        "type": "response.output_audio.delta",
+        "response_id": response_id,
+        "item_id": item_id,
+        "output_index": 0,
+        "content_index": 0,
+        "delta": base64.b64encode(b"\x10\x00" * 24 * ms).decode(),
+    }
+
+
+@pytest.mark.parametrize(
+    ("pace", "active"),
+    [(0.0, False), (2.0, True)],
+    ids=["response_done_before_interrupt", "response_still_streaming"],
+)
+async def test_interrupt_truncates_at_what_was_heard(
+    speech_wav: Path, tmp_path: Path, pace: float, active: bool
+) -> None:
+    """pace 0: the whole answer arrived before the interrupt (nothing to cancel);
+    pace 2: the server still streams it (the client must cancel)."""
+    script = FakeScript(
+        user_transcripts=[SENTENCE], reply=LONG_ANSWER, audio_ms_per_char=50, pace=pace
+    )
+    async with StampedServer(script=script, api_keys={KEY}) as server:
+        out_path = tmp_path / "answer.wav"
+        output = WavOutput(out_path)
+        spoke: list[float] = []
+        client = make_client(
+            server,
+            audio_input=WavInput(speech_wav),
+            audio_output=output,
+            on_mode_change=lambda m: (
+                spoke.append(time.monotonic()) if m is RealtimeMode.SPEAKING else None
+            ),
+        )
+        done = finals(client)
+        async with Running(client):
+            await until(lambda: client.mode is RealtimeMode.SPEAKING, timeout_s=10, what="speaking")
+            item_id = client.messages[-1].id
+            await until(lambda: output.played_ms(item_id) >= 700, what="700 ms heard")
+            assert (server.sessions[0].responses == []) is active
+            heard = output.played_ms(item_id)
+            client.interrupt()
+            # Independent of the ledger: the paced speaker started with `speaking`.
+            wall_ms = (time.monotonic() - spoke[0]) * 1000
+            assert client.mode is RealtimeMode.LISTENING  # silent at once
+            assert not output.is_playing
+
+            session = server.sessions[0]
+            await until(lambda: len(session.truncations) == 1, what="truncate")
+            await until(lambda: len(session.responses) == 1, what="response.done")
+            [truncation] = session.truncations
+            audio_end_ms = truncation["audio_end_ms"]
+            error_ms = audio_end_ms - heard
+            print(
+                f"\ntruncate error ({'active' if active else 'done'}): {error_ms} ms "
+                f"(heard {heard} ms, truncated at {audio_end_ms} ms of "
+                f"{truncation['sent_ms']} ms sent; wall clock {wall_ms:.0f} ms)"
+            )
+            assert truncation["item_id"] == item_id
+            assert 0 < audio_end_ms <= truncation["sent_ms"]
+            assert 0 <= error_ms <= 100
+            assert abs(audio_end_ms - wall_ms) < 100
+
+            types = sent_types(server)
+            if active:
+                assert types.count("response.cancel") == 1
+                assert session.cancels == 1
+                assert session.responses[0]["status"] == "cancelled"
+            else:
+                assert "response.cancel" not in types  # it would only earn an error
+                assert session.responses[0]["status"] == "completed"
+
+            if active:
+                # A late delta of the cancelled answer (in flight when the cancel left)
+                # is dropped, not played; nor does its text reach the message.
+                response_id = session.responses[0]["id"]
+                await server.send_event(audio_delta(response_id, item_id, 500))
+                await server.send_event(
+                    {
+                        "type": "response.output_audio_transcript.delta",
+                        "response_id": response_id,
+                        "item_id": item_id,
+                        "output_index": 0,
+                        "content_index": 0,
+                        "delta": " and more",
+                    }
+                )
+                await asyncio.sleep(0.2)
+                assert not output.is_playing
+                assert client.mode is RealtimeMode.LISTENING
+
+            assistant = next(m for m in client.messages if m.id == item_id)
+            assert assistant.interrupted
+            assert assistant.duration_ms == audio_end_ms
+            assert "and more" not in assistant.text
+            assert [m.message.id for m in done if m.message.role == "assistant"] == [item_id]
+            assert client.pending_assistant_transcript is None
+            assert_all_valid(server)
+
+    # The speaker wrote what was heard (plus at most the period in flight), no more.
+    written = wav_ms(out_path)
+    assert audio_end_ms - 1 <= written <= audio_end_ms + 25, (written, audio_end_ms)
