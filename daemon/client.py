@@ -597,7 +597,8 @@ class RealtimeClient:
         """Half duplex: while the assistant talks (and a tail after) the mic is shut."""
         if self._barge_in:
             return False
-        if self._session.is_playing:
+        if self._session.mode is RealtimeMode.SPEAKING:
+            # Speaking includes an answer still arriving while the speaker ran dry.
             return True
         return time.monotonic() - self._quiet_since < self._echo_tail_s
 
