@@ -1,0 +1,351 @@
+"""`make bench`: every harkd benchmark in one invocation, against one fake realtime server.
+
+Phases (all on loopback, same machine, same run; about 6 minutes on 2 cores):
+
+1. latency   `harkd run` on paced ALSA (PulseAudio null sink), 20 tool-calling turns:
+             uplink, downlink and turn overhead (benchmarks/bench_session.py);
+2. start-up  exec of `harkd run` -> READY=1 on the bench's NOTIFY_SOCKET, 7 times;
+3. barge-in  benchmarks/bench_audio.py's barge-in: stop -> room silent, and the
+             played-ms the daemon would truncate at minus what the room heard;
+4. cost      3 rounds; in each, `harkd run` and the peers (benchmarks/peers.py: the
+             `openai` SDK realtime connection, the floor, and an `openai-agents`
+             RealtimeRunner session) stream the same 64 s WAV with two tool-calling
+             turns side by side; CPU and peak RSS over the same 60 s window. Ratios
+             are taken within each round, then the median over rounds is reported;
+5. components bench_vad.py and bench_resample.py (CPU of the audio helpers).
+
+Prints a Markdown table and writes benchmarks/results/latest.json and latest.md.
+Every number in them is measured in this invocation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import bench_audio  # noqa: E402
+import bench_session as bs  # noqa: E402
+import bench_vad  # noqa: E402
+from pulse_fixture import PulseServer  # noqa: E402
+
+RESULTS = HERE / "results"
+LATENCY_TURNS = 20
+STARTUP_RUNS = 7
+BARGE_IN_RUNS = 7
+COST_ROUNDS = 3
+COST_WINDOW_S = 60.0
+PEERS = ("openai", "agents")
+PERIOD_MS = 20  # audio.input.period_ms of the bench configs
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model", "Hardware") and value.strip():
+                cpu = value.strip()
+                break
+    versions = {}
+    for package in ("harkd", "openai", "openai-agents", "websockets", "numpy"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[package] = importlib.metadata.version(package)
+    commit = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "cpu_model": cpu,
+        "cores": os.cpu_count(),
+        "kernel": f"{platform.system()} {platform.release()} {platform.machine()}",
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+        "commit": commit or None,
+        "versions": versions,
+    }
+
+
+def peer_client(kind: str, url: str, wav: Path) -> bs.Client:
+    argv = [sys.executable, str(HERE / "peers.py"), kind, "--url", url, "--wav", str(wav)]
+    return bs.Client(kind, argv)
+
+
+def median(values: list[float]) -> float | None:
+    return round(statistics.median(values), 3) if values else None
+
+
+def summarize_cost(rounds: list[dict[str, Any]], workdir: Path) -> dict[str, Any]:
+    names = ["harkd", *PEERS]
+    per_client: dict[str, Any] = {}
+    for name in names:
+        ok = [r[name] for r in rounds if "cpu_percent" in r.get(name, {})]
+        errors = [r[name] for r in rounds if "error" in r.get(name, {})]
+        per_client[name] = {
+            "cpu_percent": median([r["cpu_percent"] for r in ok]),
+            "peak_rss_mb": median([r["peak_rss_mb"] for r in ok]),
+            "tool_turns": [r["tool_turns"] for r in ok],
+            "responses": [r["responses"] for r in ok],
+            "rounds_ok": len(ok),
+        }
+        if errors:
+            per_client[name]["errors"] = errors
+        out = workdir / f"{name}.out"
+        if name in PEERS and out.exists():
+            with contextlib.suppress(ValueError):
+                lines = out.read_text().strip().splitlines()
+                per_client[name]["last_summary"] = json.loads(lines[-1]) if lines else None
+    ratios: dict[str, Any] = {}
+    for peer in PEERS:
+        cpu, rss = [], []
+        for r in rounds:
+            h, p = r.get("harkd", {}), r.get(peer, {})
+            if "cpu_percent" in h and "cpu_percent" in p and p["cpu_percent"] > 0:
+                cpu.append(h["cpu_percent"] / p["cpu_percent"])
+                rss.append(h["peak_rss_mb"] / p["peak_rss_mb"])
+        ratios[peer] = {"cpu": median(cpu), "peak_rss": median(rss), "rounds": len(cpu)}
+    return {"clients": per_client, "harkd_ratio_to": ratios}
+
+
+async def measure(workdir: Path, log: Any) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    with PulseServer.start_new() as pulse:
+        server = bs.StampedServer(bs.bench_script(), strict=False, record=False)
+        async with server:
+            log(f"fake server {server.url}; latency: {LATENCY_TURNS} turns on ALSA (pulse)")
+            result["latency"] = await bs.latency(server, pulse, workdir, LATENCY_TURNS)
+            log(f"start-up: {STARTUP_RUNS} runs")
+            result["startup"] = await bs.startup(server.url, pulse, workdir, STARTUP_RUNS)
+            log(f"barge-in: {BARGE_IN_RUNS} runs (bench_audio.barge_in)")
+            result["barge_in"] = await bench_audio.barge_in(pulse, 24000, BARGE_IN_RUNS)
+            server.strict = True  # every client event of the cost rounds is validated
+            wav = bs.cost_audio(workdir)
+            rounds = []
+            for index in range(COST_ROUNDS):
+                log(f"cost round {index + 1}/{COST_ROUNDS}: harkd, {', '.join(PEERS)}")
+                clients = [bs.harkd_client(server.url, wav, workdir)]
+                clients += [peer_client(kind, server.url, wav) for kind in PEERS]
+                # Rotate the start order: the first one started streams longest before
+                # the window opens.
+                clients = clients[index:] + clients[:index]
+                rounds.append(await bs.cost_round(server, clients, workdir, COST_WINDOW_S))
+            result["cost_rounds"] = rounds
+            result["cost"] = summarize_cost(rounds, workdir)
+    log("components: bench_vad, bench_resample")
+    result["components"] = {"vad": bench_vad.run(seconds=60.0, repeats=3)}
+    resample = subprocess.run(
+        [sys.executable, str(HERE / "bench_resample.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    result["components"]["resample_report"] = resample.stdout
+    return result
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _fmt(value: Any, unit: str = "", digits: int = 2) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}{unit}"
+    return f"{value}{unit}"
+
+
+def verdicts(r: dict[str, Any]) -> list[tuple[str, str, str, str, bool | None]]:
+    """(metric, measured, p95/detail, target, pass) rows."""
+    lat, up = r["latency"], r["startup"]["startup_s"]
+    barge = r["barge_in"]
+    clients = r["cost"]["clients"]
+    ratios = r["cost"]["harkd_ratio_to"]
+    rows: list[tuple[str, str, str, str, bool | None]] = []
+
+    def latency_row(name: str, key: str, target: float) -> None:
+        s = lat[key]
+        ok = s.get("median") is not None and s["median"] < target
+        detail = f"p95 {_fmt(s.get('p95'), ' ms')}, n={s['n']}"
+        rows.append((name, _fmt(s.get("median"), " ms"), detail, f"< {target:g} ms", ok))
+
+    latency_row("Uplink: ALSA read -> append at server", "uplink_ms", 2)
+    latency_row("Downlink: first delta sent -> written to ALSA", "downlink_ms", 5)
+    latency_row("Turn overhead: response.done -> response.create", "turn_overhead_ms", 5)
+    silent = barge["silent_after_stop_ms"]
+    limit = PERIOD_MS + 10
+    rows.append(
+        (
+            "Barge-in: stop -> sink silent",
+            _fmt(silent["median"], " ms"),
+            f"max {_fmt(silent['max'], ' ms')}, n={silent['n']} (recorder latency included)",
+            f"<= {limit} ms (period + 10)",
+            silent["median"] <= limit,
+        )
+    )
+    err = barge["played_minus_heard_ms"]
+    rows.append(
+        (
+            "Truncate error: reported - heard played ms",
+            _fmt(err["median"], " ms"),
+            f"max |error| {_fmt(barge['abs_error_ms_max'], ' ms', 1)}, n={err['n']}",
+            "< 40 ms (max |error|)",
+            barge["abs_error_ms_max"] < 40,
+        )
+    )
+    rows.append(
+        (
+            "Start-up: exec -> READY=1",
+            _fmt(up.get("median"), " s", 3),
+            f"p95 {_fmt(up.get('p95'), ' s', 3)}, n={up['n']}",
+            "< 1.5 s",
+            up.get("median") is not None and up["median"] < 1.5,
+        )
+    )
+    h = clients["harkd"]
+    rows.append(
+        (
+            "harkd CPU (user+sys / wall), 60 s, 2 turns",
+            _fmt(h["cpu_percent"], " %"),
+            f"median of {h['rounds_ok']} rounds",
+            "-",
+            None,
+        )
+    )
+    rss = h["peak_rss_mb"]
+    rows.append(
+        (
+            "harkd peak RSS (VmHWM)",
+            _fmt(rss, " MB", 1),
+            f"median of {h['rounds_ok']} rounds",
+            "< 80 MB",
+            rss is not None and rss < 80,
+        )
+    )
+    floor, agents = ratios["openai"], ratios["agents"]
+    rows.append(
+        (
+            "CPU ratio harkd / openai SDK (floor)",
+            _fmt(floor["cpu"], "x"),
+            f"median of {floor['rounds']} per-round ratios",
+            "<= 1.5x",
+            floor["cpu"] is not None and floor["cpu"] <= 1.5,
+        )
+    )
+    rows.append(
+        (
+            "CPU ratio harkd / openai-agents",
+            _fmt(agents["cpu"], "x"),
+            f"median of {agents['rounds']} per-round ratios",
+            "< 1.0x",
+            None if agents["cpu"] is None else agents["cpu"] < 1.0,
+        )
+    )
+    for peer, label in (("openai", "openai SDK (floor)"), ("agents", "openai-agents")):
+        rows.append(
+            (
+                f"RSS ratio harkd / {label}",
+                _fmt(ratios[peer]["peak_rss"], "x"),
+                f"median of {ratios[peer]['rounds']} per-round ratios",
+                "-",
+                None,
+            )
+        )
+    return rows
+
+
+def markdown(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    lines = [
+        "# harkd benchmarks",
+        "",
+        f"- date: {m['date']} (took {r['duration_s']:.0f} s)",
+        f"- machine: {m['cpu_model']}, {m['cores']} cores, {m['kernel']}, {m['python']}, "
+        f"load average at start {m['loadavg_at_start']}",
+        f"- commit: {m['commit']}; " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
+        "- fake realtime server on loopback (harkd.testing), same process as the bench; "
+        "CLOCK_MONOTONIC stamps on both sides",
+        "",
+        "| metric | median | spread | target | ok |",
+        "|---|---|---|---|---|",
+    ]
+    for name, value, detail, target, ok in verdicts(r):
+        mark = (
+            ("-" if target == "-" else "not measured")
+            if ok is None
+            else ("yes" if ok else "**no**")
+        )
+        lines.append(f"| {name} | {value} | {detail} | {target} | {mark} |")
+    lines += [
+        "",
+        f"Cost rounds: {COST_ROUNDS} x {COST_WINDOW_S:g} s window, all three clients "
+        "streaming the same WAV side by side (medians over rounds):",
+        "",
+        "| client | CPU % | peak RSS MB | tool turns per round | responses per round |",
+        "|---|---|---|---|---|",
+    ]
+    labels = {
+        "harkd": "harkd run (WAV mic, null speaker)",
+        "openai": "openai SDK realtime.connect (floor)",
+        "agents": "openai-agents RealtimeRunner",
+    }
+    for name, c in r["cost"]["clients"].items():
+        extra = f" ({c['errors'][0].get('error')})" if c.get("errors") else ""
+        lines.append(
+            f"| {labels[name]}{extra} | {_fmt(c['cpu_percent'])} | {_fmt(c['peak_rss_mb'], '', 1)}"
+            f" | {c['tool_turns']} | {c['responses']} |"
+        )
+    vad = r["components"]["vad"]
+    lines += [
+        "",
+        f"Components: local VAD endpointer {vad['cpu_percent_of_core']:.4f} % of a core "
+        "(bench_vad.py); resampler report in latest.json (bench_resample.py).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    started = time.monotonic()
+
+    def log(message: str) -> None:
+        print(f"[{time.monotonic() - started:6.1f} s] {message}", file=sys.stderr, flush=True)
+
+    result: dict[str, Any] = {"machine": machine()}
+    with tempfile.TemporaryDirectory(prefix="harkd-bench-") as tmp:
+        result.update(asyncio.run(measure(Path(tmp), log)))
+    result["duration_s"] = round(time.monotonic() - started, 1)
+    result["targets"] = [
+        {"metric": name, "median": value, "detail": detail, "target": target, "ok": ok}
+        for name, value, detail, target, ok in verdicts(result)
+    ]
+    report = markdown(result)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "latest.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / "latest.md").write_text(report)
+    print(report)
+    log(f"wrote {RESULTS / 'latest.json'} and {RESULTS / 'latest.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
