@@ -9,9 +9,8 @@ from typing import Any
 
 import pytest
 from e2e import assert_all_valid, sent_types, until
-
 from harkd.adapters.openai import openai_realtime
-from harkd.client import ReconnectPolicy, RealtimeClient
+from harkd.client import RealtimeClient, ReconnectPolicy
 from harkd.messages import (
     AudioPart,
     MessageFinalized,
