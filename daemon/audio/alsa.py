@@ -257,16 +257,7 @@ class AlsaInput(_Edge):
         wanted = 1 if self.channel == 0 else self.channel + 1
 
         def open_with(channels: int) -> alsaaudio.PCM:
-            return alsaaudio.PCM(
-                alsaaudio.PCM_CAPTURE,
-                alsaaudio.PCM_NORMAL,
-                device=self.name,
-                channels=channels,
-                rate=self.sample_rate,
-                format=alsaaudio.PCM_FORMAT_S16_LE,
-                periodsize=period,
-                periods=PERIODS,
-            )
+            return _open_pcm(alsaaudio.PCM_CAPTURE, alsaaudio.PCM_NORMAL, self, channels, period)
 
         try:
             pcm = open_with(wanted)
@@ -492,16 +483,7 @@ class AlsaOutput(_Edge):
         period = max(1, self.sample_rate * self.period_ms // 1000)
 
         def open_with(channels: int) -> alsaaudio.PCM:
-            return alsaaudio.PCM(
-                alsaaudio.PCM_PLAYBACK,
-                alsaaudio.PCM_NONBLOCK,
-                device=self.name,
-                channels=channels,
-                rate=self.sample_rate,
-                format=alsaaudio.PCM_FORMAT_S16_LE,
-                periodsize=period,
-                periods=PERIODS,
-            )
+            return _open_pcm(alsaaudio.PCM_PLAYBACK, alsaaudio.PCM_NONBLOCK, self, channels, period)
 
         try:
             pcm = open_with(1)
@@ -680,3 +662,19 @@ def list_devices() -> str:
         "  file:PATH.wav    a WAV file (input: played in real time; output: written)",
     ]
     return "\n".join(lines)
+
+
+def _open_pcm(
+    kind: int, mode: int, device: AlsaInput | AlsaOutput, channels: int, period: int
+) -> alsaaudio.PCM:
+    """Open `device` as S16_LE at its rate with `PERIODS` periods of `period` frames."""
+    return alsaaudio.PCM(
+        kind,
+        mode,
+        device=device.name,
+        channels=channels,
+        rate=device.sample_rate,
+        format=alsaaudio.PCM_FORMAT_S16_LE,
+        periodsize=period,
+        periods=PERIODS,
+    )
