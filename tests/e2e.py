@@ -7,6 +7,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from harkd.client import RealtimeClient
+from harkd.messages import RealtimeStatus
 from harkd.testing import FakeRealtimeServer, validate_client_event
 
 
@@ -32,3 +34,21 @@ def assert_all_valid(server: FakeRealtimeServer) -> None:
         e for e in server.errors_sent if e.get("error", {}).get("code") != "session_expired"
     ]
     assert problems == [], problems
+
+
+class Running:
+    """A client running under its own `run()` task, as a supervisor would own it."""
+
+    def __init__(self, client: RealtimeClient) -> None:
+        self.client = client
+        self.task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> RealtimeClient:
+        self.task = asyncio.create_task(self.client.run())
+        await until(lambda: self.client.status is RealtimeStatus.CONNECTED, what="connected")
+        return self.client
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self.task is not None
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)

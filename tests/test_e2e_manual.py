@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e import assert_all_valid, sent_types, until
+from e2e import Running, assert_all_valid, sent_types, until
 from harkd.adapters.openai import openai_realtime
 from harkd.audio.wav import WavInput, WavOutput
 from harkd.client import RealtimeClient, ReconnectPolicy
 from harkd.config import VadConfig
-from harkd.messages import MessageFinalized, RealtimeMode, RealtimeStatus
+from harkd.messages import MessageFinalized, RealtimeMode
 from harkd.testing import FakeRealtimeServer, FakeScript
 from harkd.tokens import static_token
 from speech_fixtures import click, len_ms, mix, noise, silence, speech_pcm, write_wav
@@ -49,24 +49,6 @@ def make_client(server: FakeRealtimeServer, **options: Any) -> RealtimeClient:
         "vad": VAD,
     }
     return RealtimeClient(**{**defaults, **options})
-
-
-class Running:
-    """A client running under its own `run()` task, as a supervisor would own it."""
-
-    def __init__(self, client: RealtimeClient) -> None:
-        self.client = client
-        self.task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> RealtimeClient:
-        self.task = asyncio.create_task(self.client.run())
-        await until(lambda: self.client.status is RealtimeStatus.CONNECTED, what="connected")
-        return self.client
-
-    async def __aexit__(self, *_: object) -> None:
-        assert self.task is not None
-        self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
 
 
 def room(pcm: bytes, level: float = ROOM_NOISE) -> bytes:
