@@ -6,7 +6,7 @@ noise) frame by frame through `Endpointer.process` and reports, as JSON on stdou
 - cpu_percent_of_core: process CPU time / audio time * 100, median over repeats,
   for the default config (min_level 0) and with an energy floor (min_level 0.005);
 - the end-of-speech -> TurnClosed latency in frames (and ms), per utterance, which
-  is end_silence_ms plus what webrtcvad's hangover adds when no floor vetoes it.
+  is end_silence_ms (webrtcvad's hangover inside a turn counts as silence).
 
 Run: .venv/bin/python benchmarks/bench_vad.py [--seconds 60] [--repeats 7]
 Needs espeak-ng and sox (the Makefile installs them).

@@ -54,9 +54,6 @@ RATE = 16000
 PHRASE = "what time is it now"
 """Voiced at both ends, so webrtcvad's boundaries sit where the samples start and end."""
 
-HANGOVER_MS = {10: 90, 20: 100, 30: 90}
-"""webrtcvad's hangover after a long speech run at aggressiveness 2, per frame length."""
-
 SHORT_HANGOVER_MS = 60
 """Its hangover after a short sound (6, 3, 2 frames of 10, 20, 30 ms), which the
 endpointer asks for on top of start_ms before it opens a turn."""
@@ -351,7 +348,8 @@ def test_turn_opens_and_closes_where_the_speech_is(phrase: bytes, frame_ms: int)
 
     assert turn.closed_at is not None
     closed_ms = (turn.closed_at + 1) * frame_ms
-    closing = math.ceil(config.end_silence_ms / frame_ms) * frame_ms + HANGOVER_MS[frame_ms]
+    # Within a frame of end_silence_ms: webrtcvad's hangover counts as silence.
+    closing = math.ceil(config.end_silence_ms / frame_ms) * frame_ms
     assert abs(closed_ms - (end_ms + closing)) <= 2 * frame_ms
     assert isinstance(turn.end, TurnClosed)
     assert turn.end.reason == "silence"
@@ -387,9 +385,9 @@ def test_payload_is_exactly_preroll_speech_and_closing_silence(phrase: bytes) ->
     assert len(turn.opened.preroll) == preroll_frames + opening_frames
     start, stop = (onset - preroll_frames) * chunk, (turn.closed_at + 1) * chunk
     assert sent == pcm24k[start:stop]
-    # In milliseconds: preroll + speech + closing silence (700 ms + webrtcvad hangover).
+    # In milliseconds: preroll + speech + closing silence (700 ms; the hangover counts as silence).
     closing_ms = len(sent) / (24 * 2) - config.preroll_ms - len_ms(phrase)
-    assert abs(closing_ms - (config.end_silence_ms + HANGOVER_MS[20])) <= 2 * 20
+    assert abs(closing_ms - config.end_silence_ms) <= 2 * 20
 
 
 def test_preroll_is_bounded_by_what_was_heard(phrase: bytes) -> None:

@@ -33,9 +33,10 @@ Decision rules (frames of `frame_ms`, durations rounded up to whole frames):
   (`"silence"`), or when it reaches `max_turn_s` counted from the first speech
   frame (`"max_length"`). A turn with under 100 ms of speech is dropped instead.
 - After long speech the hangover is about 100 ms at aggressiveness 2-3 (150 ms at
-  0-1). Those frames count as speech unless `min_level` vetoes them, so a turn
-  closes `end_silence_ms` plus that hangover after the speech with `min_level` 0,
-  and `end_silence_ms` after it with `min_level` above the room's own level.
+  0-1). Inside an open turn a frame therefore also needs energy within
+  `TURN_RANGE_DB` of the turn's loudest speech frame: the hangover's quiet tail
+  counts as silence, so a turn closes `end_silence_ms` (plus at most a frame) after
+  the speech even with `min_level` 0.
 - For `WARMUP_MS` after construction and `reset` no frame counts as speech: a fresh
   webrtcvad calls the first frame of any steady noise speech (plus its hangover),
   which in a room with a fan would open a turn on every reset.
@@ -63,6 +64,10 @@ MIN_COMMIT_MS = 100
 
 FRAME_MS_CHOICES = (10, 20, 30)
 """The frame lengths webrtcvad accepts."""
+
+TURN_RANGE_DB = 35.0
+"""Inside a turn, frames this far below its loudest speech frame count as silence."""
+_TURN_RANGE = 10 ** (-TURN_RANGE_DB / 10)
 
 WARMUP_MS = 200
 """After construction and `reset`, frames never count as speech for this long."""
@@ -151,6 +156,7 @@ class Endpointer:
         self._turn_frames = 0
         self._speech_frames = 0
         self._silent_run = 0
+        self._peak_energy = 0.0
 
     @property
     def is_open(self) -> bool:
@@ -221,11 +227,17 @@ class Endpointer:
     def _is_speech(self, pcm16k: bytes) -> bool:
         if not self._vad.is_speech(pcm16k, VAD_RATE):
             return False
-        if self._min_energy <= 0:
+        if not self._open and self._min_energy <= 0:
+            return True  # between turns: no numpy on the idle path
+        energy = _energy(pcm16k)
+        if energy < self._min_energy:
+            return False
+        if not self._open:
             return True
-        # float32: int16 products would overflow; a 480-sample dot costs ~2 µs.
-        samples = np.frombuffer(pcm16k, dtype="<i2").astype(np.float32)
-        return float(samples @ samples) >= self._min_energy
+        # Inside a turn, webrtcvad's hangover after the last word is far quieter
+        # than the words: count it as silence so the close is not delayed by it.
+        self._peak_energy = max(self._peak_energy, energy)
+        return energy >= self._peak_energy * _TURN_RANGE
 
     def _open_from_window(self) -> TurnOpened:
         # bit_length = frames from the oldest speech frame in the window to now.
@@ -241,6 +253,7 @@ class Endpointer:
         self._turn_frames = turn_frames
         self._speech_frames = speech_frames
         self._silent_run = 0
+        self._peak_energy = 0.0
         # The ring's audio now belongs to this turn; the window must refill afresh.
         self._ring.clear()
         self._window = 0
@@ -253,6 +266,12 @@ class Endpointer:
         if speech_ms < MIN_COMMIT_MS:
             return TurnDropped(speech_ms)
         return TurnClosed(reason, speech_ms)
+
+
+def _energy(pcm16k: bytes) -> float:
+    # float32: int16 products would overflow; a 480-sample dot costs ~2 µs.
+    samples = np.frombuffer(pcm16k, dtype="<i2").astype(np.float32)
+    return float(samples @ samples)
 
 
 def _frames(ms: float, frame_ms: int) -> int:
