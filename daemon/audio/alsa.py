@@ -40,6 +40,7 @@ import logging
 import os
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -87,7 +88,7 @@ class _Throttled:
             self._count = 0
 
 
-class _Edge:
+class _Edge(ABC):
     """Failure bookkeeping shared by both directions: report once, retry with backoff."""
 
     def __init__(self, device: str) -> None:
@@ -126,8 +127,9 @@ class _Edge:
             if thread.is_alive():
                 log.warning("%s: device thread still busy after %.0f s", self.name, JOIN_TIMEOUT_S)
 
+    @abstractmethod
     def _thread_main(self) -> None:
-        raise NotImplementedError
+        """The device thread: open, move audio, recover, until `_stopping` is set."""
 
     def _wake(self) -> None:
         """Interrupt the thread's wait (the output thread sleeps on an Event)."""
