@@ -131,7 +131,7 @@ class _Edge(ABC):
     def _thread_main(self) -> None:
         """The device thread: open, move audio, recover, until `_stopping` is set."""
 
-    def _wake(self) -> None:
+    def _wake(self) -> None:  # noqa: B027 - a hook; only the output thread sleeps on an Event
         """Interrupt the thread's wait (the output thread sleeps on an Event)."""
 
     def _call_soon(self, callback: Callable[..., object], *args: Any) -> None:
