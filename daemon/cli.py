@@ -29,6 +29,12 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `harkd` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["fake-server"]:
+        # The fake server owns its options (--port, --api-key, --max-session-s, ...).
+        from harkd.testing.fake_server import main as fake_main
+
+        return fake_main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -73,9 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     monitor.add_argument("--device", help="one device id (default: every device on the broker)")
     history = with_config(command("history", _history, "print the last conversations"))
     history.add_argument("-n", type=int, default=3, help="how many conversations (default 3)")
-    fake = command("fake-server", _fake_server, "run the local OpenAI-protocol fake server")
-    fake.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    fake.add_argument("--port", type=int, default=8765)
+    command("fake-server", _fake_server, "run the local OpenAI-protocol fake server")
     demo = command("demo", _demo, "the main job on embedded defaults, no key or hardware needed")
     demo.add_argument("--speaker", help="ALSA PCM or file:PATH.wav for the answer audio")
     demo.add_argument("--state-dir", help="where the demo keeps its journal (default: a temp dir)")
@@ -168,9 +172,7 @@ def _journal_settings(path: Path | None) -> tuple[Path, JournalConfig]:
 
 
 def _fake_server(args: argparse.Namespace) -> int:
-    from harkd.testing.fake_server import main as fake_main
-
-    return fake_main(["--port", str(args.port), *args.rest])
+    raise AssertionError("main() hands fake-server to harkd.testing before parsing")
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -8,6 +8,9 @@ devices without a sound card.
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -186,3 +189,20 @@ def test_history_finds_the_journal_where_run_writes_it(tmp_path: Path) -> None:
     shown = run_harkd("history", "-c", str(path), env=env)
     assert shown.returncode == 0, shown.stderr
     assert "user: Is the oven off?" in shown.stdout
+
+
+def test_fake_server_takes_its_own_options() -> None:
+    server = subprocess.Popen(
+        [sys.executable, "-m", "harkd.cli", "fake-server", "--port", "0", "--api-key", "sk-k"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        assert line.startswith("fake realtime server: ws://127.0.0.1:")
+        assert not line.rstrip().endswith(":0/v1/realtime")
+    finally:
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=10) == 0
