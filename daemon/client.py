@@ -338,7 +338,7 @@ class RealtimeClient:
         """Change instructions, voice or tools; applied to the open session now
         (the voice only takes effect on the next session, a provider rule)."""
         if tools is not None:
-            self._runner = ToolRunner(tools)
+            self._runner.replace_tools(tools)
         self._settings = replace(
             self._settings,
             instructions=self._settings.instructions if instructions is None else instructions,

@@ -124,17 +124,25 @@ class ToolRunner:
         """Check every tool definition; `ValueError` names the first bad or duplicate one."""
         self._tools: dict[str, Tool] = {}
         self._validators: dict[str, Draft202012Validator] = {}
-        for tool in tools:
-            check_tool(tool)
-            if tool.name in self._tools:
-                raise ValueError(f"tool {tool.name!r}: defined twice")
-            self._tools[tool.name] = tool
-            self._validators[tool.name] = Draft202012Validator(
-                tool.parameters, format_checker=Draft202012Validator.FORMAT_CHECKER
-            )
         # The calls now in their handler, and those we cancelled on interruption.
         self._running: dict[asyncio.Task[Any], Tool] = {}
         self._interrupted: set[asyncio.Task[Any]] = set()
+        self.replace_tools(tools)
+
+    def replace_tools(self, tools: Sequence[Tool]) -> None:
+        """Offer a new set of tools (config reload); calls already running keep going
+        and can still be cancelled by an interruption."""
+        checked: dict[str, Tool] = {}
+        validators: dict[str, Draft202012Validator] = {}
+        for tool in tools:
+            check_tool(tool)
+            if tool.name in checked:
+                raise ValueError(f"tool {tool.name!r}: defined twice")
+            checked[tool.name] = tool
+            validators[tool.name] = Draft202012Validator(
+                tool.parameters, format_checker=Draft202012Validator.FORMAT_CHECKER
+            )
+        self._tools, self._validators = checked, validators
 
     @property
     def names(self) -> tuple[str, ...]:

@@ -233,6 +233,17 @@ async def test_caller_cancelled_together_with_an_interruption_still_propagates()
         await task
 
 
+async def test_reloaded_tools_leave_running_calls_interruptible() -> None:
+    runner = ToolRunner([make_tool("t", sleeper(5), cancel_on_interrupt=True)])
+    task = asyncio.create_task(runner.run_all([call("t")]))
+    await asyncio.sleep(0.05)
+    runner.replace_tools([make_tool("other", echo)])  # a SIGHUP mid-call
+    assert runner.names == ("other",)
+    assert runner.cancel_interruptible() == 1
+    (outcome,) = await task
+    assert outcome.error == "cancelled by interruption"
+
+
 def test_schemas_and_names() -> None:
     runner = ToolRunner([make_tool("add", echo, parameters=ADD), make_tool("echo", echo)])
     assert runner.names == ("add", "echo")
