@@ -88,6 +88,7 @@ class Daemon:
         self._parts: dict[str, _Part] = {}
         self._plugin_tasks: list[asyncio.Task[None]] = []
         self._service_tasks: list[asyncio.Task[None]] = []
+        self._plugin_subscriptions: list[Callable[[], None]] = []
         self._tasks: asyncio.TaskGroup | None = None
         self._stop = asyncio.Event()
         self._journal_queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=1000)
@@ -250,7 +251,7 @@ class Daemon:
     def _subscribe(self, topic_filter: str, callback: Callable[[str, bytes, bool], None]) -> None:
         if self.bridge is None:
             raise RuntimeError("MQTT is not running")
-        self.bridge.subscribe(topic_filter, callback)
+        self._plugin_subscriptions.append(self.bridge.subscribe(topic_filter, callback))
 
     def _start_plugin_tasks(
         self, tasks: asyncio.TaskGroup, background: tuple[BackgroundTask, ...]
@@ -330,6 +331,10 @@ class Daemon:
         if new.plugins != old.plugins or new.mqtt != old.mqtt:
             for task in self._plugin_tasks:
                 task.cancel()
+            # The old plugin instances' subscriptions go with them.
+            for unsubscribe in self._plugin_subscriptions:
+                unsubscribe()
+            self._plugin_subscriptions.clear()
             self._load_plugins(new)
             if tasks is not None:
                 self._start_plugin_tasks(tasks, self.plugins.background)
