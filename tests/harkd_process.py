@@ -216,14 +216,16 @@ class Harkd:
 
 
 class NotifySocket:
-    """The service manager's end of $NOTIFY_SOCKET: an abstract AF_UNIX datagram socket
-    read by a thread, so datagrams are timestamped on arrival."""
+    """The service manager's end of $NOTIFY_SOCKET: an AF_UNIX datagram socket (a
+    path, or abstract when it starts with '@'; a fresh abstract one by default) read
+    by a thread, so datagrams are timestamped on arrival even while the event loop
+    under test is blocked."""
 
-    def __init__(self) -> None:
-        self.address = f"@harkd-test-{uuid.uuid4().hex}"
+    def __init__(self, address: str | None = None) -> None:
+        self.address = address or f"@harkd-test-{uuid.uuid4().hex}"
         self.messages: list[tuple[float, str]] = []
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._sock.bind("\0" + self.address[1:])
+        self._sock.bind("\0" + self.address[1:] if self.address.startswith("@") else self.address)
         self._sock.settimeout(0.05)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)

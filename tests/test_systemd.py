@@ -6,11 +6,9 @@ import asyncio
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,33 +16,13 @@ from pathlib import Path
 
 import pytest
 from harkd.systemd import LoopLagProbe, SystemdNotifier, run_watchdog, watchdog_interval_s
+from harkd_process import NotifySocket
 
 UNIT_DIR = Path(__file__).resolve().parent.parent / "systemd"
 
 
-class NotifyReceiver:
-    """The service manager's side: a datagram socket read by a thread.
-
-    A thread, so datagrams are timestamped on arrival even while the event loop
-    under test is blocked.
-    """
-
-    def __init__(self, address: str) -> None:
-        self.messages: list[tuple[float, str]] = []
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._sock.bind("\0" + address[1:] if address.startswith("@") else address)
-        self._sock.settimeout(0.05)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self._sock.recv(4096)
-            except TimeoutError:
-                continue
-            self.messages.append((time.monotonic(), data.decode()))
+class NotifyReceiver(NotifySocket):
+    """The notify socket with counting helpers for the watchdog cadence tests."""
 
     def payloads(self) -> list[str]:
         return [payload for _, payload in self.messages]
@@ -52,15 +30,10 @@ class NotifyReceiver:
     def pings(self) -> list[float]:
         return [t for t, payload in self.messages if payload == "WATCHDOG=1\n"]
 
-    def wait_for(self, count: int, timeout_s: float = 2.0) -> None:
+    def wait_for_count(self, count: int, timeout_s: float = 2.0) -> None:
         deadline = time.monotonic() + timeout_s
         while len(self.messages) < count and time.monotonic() < deadline:
             time.sleep(0.005)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sock.close()
 
 
 @pytest.fixture(params=["path", "abstract"])
@@ -92,7 +65,7 @@ def test_notify_messages(receiver: NotifyReceiver) -> None:
     assert notifier.watchdog()
     assert notifier.stopping()
     assert notifier.notify(errno=5, status="failed")
-    receiver.wait_for(6)
+    receiver.wait_for_count(6)
     notifier.close()
     assert receiver.payloads() == [
         "READY=1\n",
@@ -144,7 +117,7 @@ async def test_watchdog_cadence_is_half_of_watchdog_usec(
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    receiver.wait_for(6)
+    receiver.wait_for_count(6)
     pings = receiver.pings()
     assert 5 <= len(pings) <= 7
     gaps = [b - a for a, b in zip(pings, pings[1:], strict=False)]
