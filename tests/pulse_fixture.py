@@ -12,8 +12,7 @@ its monitor. A null sink that nobody asks for low latency renders up to 2 s ahea
 so the server keeps a low-latency recorder on the monitor at all times ("keeper");
 with it the sink behaves like a sound card with ~10 ms of latency.
 
-pytest: `tests/conftest.py`-free use is `pulse = pulse_server()` in a session
-fixture (see `tests/test_alsa_pulse.py`).
+pytest: the session fixture `pulse` in `tests/conftest.py` wraps it.
 """
 
 from __future__ import annotations

@@ -9,26 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
 from harkd.audio.alsa import AlsaInput, AlsaOutput
-from pulse_fixture import PulseServer, PulseUnavailable, Recording
+from pulse_fixture import PulseServer, Recording
 
 pytestmark = pytest.mark.pulse
 
 BLOCK = 120  # 5 ms at 24 kHz
-
-
-@pytest.fixture(scope="session")
-def pulse() -> Iterator[PulseServer]:
-    try:
-        server = PulseServer.start_new()
-    except PulseUnavailable as exc:
-        pytest.skip(f"PulseAudio cannot start here: {exc}")
-    with server:
-        yield server
 
 
 class Listener:

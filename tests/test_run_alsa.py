@@ -12,7 +12,6 @@ import json
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,21 +19,11 @@ import pytest
 import yaml
 from e2e import assert_all_valid, until
 from harkd.testing import FakeRealtimeServer, FakeScript
-from pulse_fixture import PulseServer, PulseUnavailable
+from pulse_fixture import PulseServer
 from speech_fixtures import silence, speech_pcm, write_wav
 
 pytestmark = pytest.mark.pulse
 KEY = "sk-alsa-e2e-0123456789"
-
-
-@pytest.fixture(scope="module")
-def room() -> Iterator[PulseServer]:
-    try:
-        server = PulseServer.start_new()
-    except PulseUnavailable as exc:
-        pytest.skip(f"PulseAudio cannot start here: {exc}")
-    with server:
-        yield server
 
 
 def write_config(path: Path, url: str, state_dir: Path) -> None:
@@ -54,7 +43,7 @@ def write_config(path: Path, url: str, state_dir: Path) -> None:
 
 
 async def test_harkd_run_hears_the_room_and_answers_into_it(
-    room: PulseServer, tmp_path: Path
+    pulse: PulseServer, tmp_path: Path
 ) -> None:
     speech = tmp_path / "question.wav"
     write_wav(speech, speech_pcm("turn on the kitchen lights") + silence(1500, 16000), 16000)
@@ -64,7 +53,7 @@ async def test_harkd_run_hears_the_room_and_answers_into_it(
         write_config(config, server.url, tmp_path / "state")
         daemon = subprocess.Popen(
             [sys.executable, "-m", "harkd.cli", "run", "-c", str(config)],
-            env=room.env,
+            env=pulse.env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -75,10 +64,10 @@ async def test_harkd_run_hears_the_room_and_answers_into_it(
                 timeout_s=15,
                 what="session configured",
             )
-            heard = room.record(rate=24000)
+            heard = pulse.record(rate=24000)
             # Speak into the room without blocking the fake server on this loop.
             player = await asyncio.create_subprocess_exec(
-                "paplay", "-d", "room", str(speech), env=room.env
+                "paplay", "-d", "room", str(speech), env=pulse.env
             )
             assert await asyncio.wait_for(player.wait(), 20) == 0
             session = server.sessions[0]
