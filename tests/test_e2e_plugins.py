@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import json
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +29,7 @@ from harkd.plugins import LoadedPlugins, PluginHost, load_plugins
 from harkd.testing import FakeRealtimeServer, FakeScript, ToolRule
 from harkd.tokens import static_token
 from mosquitto import Mosquitto, Recorder, mosquitto_fixture
-from test_plugins import DIST, build_wheel
+from test_plugins import acme  # noqa: F401 - pytest fixture: the installed third-party plugin
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -238,28 +235,8 @@ async def test_mqtt_plugin_drives_devices_on_the_broker(broker: Mosquitto, tmp_p
             assert d.client.error is None
 
 
-@pytest.fixture(scope="module")
-def acme(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The third-party `acme-harkd` wheel of test_plugins, pip-installed on sys.path."""
-    root = tmp_path_factory.mktemp("acme-e2e")
-    target = root / "site"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index"]
-        + ["--disable-pip-version-check", "--target", str(target), str(build_wheel(root))],
-        check=True,
-        timeout=120,
-    )
-    sys.path.insert(0, str(target))
-    importlib.invalidate_caches()
-    yield target
-    sys.path.remove(str(target))
-    for name in [m for m in sys.modules if m == DIST or m.startswith(f"{DIST}.")]:
-        del sys.modules[name]
-
-
-async def test_third_party_plugin_tools_reach_the_model(
-    acme: Path, broker: Mosquitto, tmp_path: Path
-) -> None:
+@pytest.mark.usefixtures("acme")
+async def test_third_party_plugin_tools_reach_the_model(broker: Mosquitto, tmp_path: Path) -> None:
     plugins = {"hello": {"greeting": "Hi"}, "clock": {}}
     async with daemon(broker, tmp_path, plugins) as d:
         assert d.loaded.plugins == ("hello", "clock")
