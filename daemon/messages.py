@@ -8,9 +8,8 @@ subscribers (MQTT bridge, journal, monitor) can keep a snapshot without copying.
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal, TypeAlias
 
@@ -85,11 +84,6 @@ class ImagePart:
 MessagePart: TypeAlias = TextPart | AudioPart | ToolCallPart | ToolResultPart | ImagePart
 
 
-def new_message_id() -> str:
-    """A local message id for messages the server has not named."""
-    return f"msg_{uuid.uuid4().hex[:20]}"
-
-
 @dataclass(frozen=True)
 class RealtimeMessage:
     """One message of the conversation, in conversation order."""
@@ -112,10 +106,6 @@ class RealtimeMessage:
                 pieces.append(part.transcript)
         return " ".join(p for p in pieces if p)
 
-    def with_parts(self, *parts: MessagePart) -> RealtimeMessage:
-        """A copy with parts appended."""
-        return replace(self, parts=self.parts + parts)
-
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (MQTT `B/message`, transcript journal)."""
         return {
@@ -132,28 +122,6 @@ def part_to_dict(part: MessagePart) -> dict[str, Any]:
     """JSON-able form of one part, `type` first."""
     data = {k: v for k, v in vars(part).items() if k != "type"}
     return {"type": part.type, **data}
-
-
-def message_from_dict(data: Mapping[str, Any]) -> RealtimeMessage:
-    """Inverse of `RealtimeMessage.to_dict` (journal read-back)."""
-    kinds: dict[str, type[MessagePart]] = {
-        "text": TextPart,
-        "audio": AudioPart,
-        "tool_call": ToolCallPart,
-        "tool_result": ToolResultPart,
-        "image": ImagePart,
-    }
-    parts = tuple(
-        kinds[p["type"]](**{k: v for k, v in p.items() if k != "type"}) for p in data["parts"]
-    )
-    return RealtimeMessage(
-        id=data["id"],
-        role=data["role"],
-        timestamp=data["timestamp"],
-        parts=parts,
-        interrupted=data.get("interrupted", False),
-        duration_ms=data.get("duration_ms"),
-    )
 
 
 @dataclass(frozen=True)

@@ -148,13 +148,11 @@ class Session:
         self._tools_running = 0
         self._response: _Response | None = None
         self._responses: dict[str, _Response] = {}
-        self._cancelled: set[str] = set()
         self._received_ms: dict[str, float] = {}
         self._partials: dict[str, str] = {}
         self._final_text: dict[str, str] = {}
         self._speech_start_ms: dict[str, int] = {}
         self._speech_ms: dict[str, int] = {}
-        self._server_cancels_pending = False
         self._turn_since_tools = False
 
     # --- state -------------------------------------------------------------------
@@ -180,16 +178,6 @@ class Session:
             return RealtimeMode.LISTENING
         return RealtimeMode.IDLE if self.vad_mode == "manual" else RealtimeMode.LISTENING
 
-    @property
-    def is_playing(self) -> bool:
-        """True while response audio is still to be heard."""
-        return self._playing
-
-    @property
-    def turn_open(self) -> bool:
-        """True while a manual turn streams audio."""
-        return self._turn_open
-
     # --- connection ----------------------------------------------------------------
 
     def connected(self) -> list[Effect]:
@@ -197,7 +185,6 @@ class Session:
         self._connected = True
         self._response = None
         self._responses.clear()
-        self._cancelled.clear()
         self._received_ms.clear()
         self._response_requested = self._want_response = self._awaiting_response = False
         self._user_speaking = self._turn_open = False
@@ -563,7 +550,6 @@ class Session:
         effects: list[Effect] = [CancelTools()]
         if response is not None and not response.cancelled:
             response.cancelled = True
-            self._cancelled.add(response.id)
             if not server_cancels:
                 effects.append(Send(ev.CancelResponse()))
         if self._playing:
@@ -609,7 +595,8 @@ class Session:
         return [Send(ev.CreateResponse())]
 
     def _dropped(self, response_id: str) -> bool:
-        return response_id in self._cancelled
+        response = self._responses.get(response_id)
+        return response is not None and response.cancelled
 
     def _track_output(self, response_id: str, item_id: str) -> None:
         response = self._responses.get(response_id)
