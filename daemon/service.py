@@ -105,6 +105,8 @@ class Daemon:
             loop.add_signal_handler(sig, self.stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         try:
+            # The bridge exists before plugins load: they subscribe while loading.
+            self.bridge = self._make_bridge(self.config)
             self._load_plugins(self.config)
             self.client.update_settings(tools=self.plugins.tools)
             self.client.on_event(self._on_event)
@@ -134,16 +136,18 @@ class Daemon:
 
     def _start(self, tasks: asyncio.TaskGroup) -> None:
         self._supervise(tasks, "session", self.client.run)
-        self._start_mqtt(tasks, self.config)
+        self._start_mqtt(tasks)
         self._start_plugin_tasks(tasks, self.plugins.background)
-        self._service_tasks = [
-            tasks.create_task(self._write_journal(), name="journal"),
-            tasks.create_task(self._probe.run(), name="loop-probe"),
-        ]
+        self._service_tasks = [tasks.create_task(self._write_journal(), name="journal")]
         interval = watchdog_interval_s()
         if interval:
+            # The probe only feeds the watchdog's check: without a watchdog its ticks
+            # would be wake-ups for nothing on a board that should sleep between frames.
             watchdog = run_watchdog(self.notifier, self.healthy, interval)
-            self._service_tasks.append(tasks.create_task(watchdog, name="watchdog"))
+            self._service_tasks += [
+                tasks.create_task(self._probe.run(), name="loop-probe"),
+                tasks.create_task(watchdog, name="watchdog"),
+            ]
 
     async def _announce_ready(self) -> None:
         """READY=1 once audio, session and MQTT are up or retrying."""
@@ -205,17 +209,18 @@ class Daemon:
 
     # --- MQTT and plugins -------------------------------------------------------------
 
-    def _start_mqtt(
-        self,
-        tasks: asyncio.TaskGroup,
-        config: Config,
-        after: asyncio.Task[None] | None = None,
-    ) -> None:
-        self.bridge = None
+    def _make_bridge(self, config: Config) -> MqttBridge | None:
         if not config.mqtt.enabled:
+            return None
+        return MqttBridge(config.mqtt, config.device, config.mqtt_password(), self.client)
+
+    def _start_mqtt(
+        self, tasks: asyncio.TaskGroup, after: asyncio.Task[None] | None = None
+    ) -> None:
+        """Supervise the current bridge (subscriptions made before it connects are kept)."""
+        bridge = self.bridge
+        if bridge is None:
             return
-        bridge = MqttBridge(config.mqtt, config.device, config.mqtt_password(), self.client)
-        self.bridge = bridge
 
         async def run() -> None:
             if after is not None:
@@ -328,21 +333,25 @@ class Daemon:
         if new.audio.output.volume != old.audio.output.volume:
             self.client.set_volume(new.audio.output.volume)
         tasks = self._tasks
-        if new.plugins != old.plugins or new.mqtt != old.mqtt:
+        reload_plugins = new.plugins != old.plugins or new.mqtt != old.mqtt
+        if reload_plugins:
             for task in self._plugin_tasks:
                 task.cancel()
             # The old plugin instances' subscriptions go with them.
             for unsubscribe in self._plugin_subscriptions:
                 unsubscribe()
             self._plugin_subscriptions.clear()
-            self._load_plugins(new)
-            if tasks is not None:
-                self._start_plugin_tasks(tasks, self.plugins.background)
         if new.mqtt != old.mqtt and tasks is not None:
             part = self._parts.pop("mqtt", None)
             if part is not None:
                 part.task.cancel()  # publishes offline; the group awaits it
-            self._start_mqtt(tasks, new, after=part.task if part is not None else None)
+            # The new bridge must exist before the reloaded plugins subscribe to it.
+            self.bridge = self._make_bridge(new)
+            self._start_mqtt(tasks, after=part.task if part is not None else None)
+        if reload_plugins:
+            self._load_plugins(new)
+            if tasks is not None:
+                self._start_plugin_tasks(tasks, self.plugins.background)
         self.client.update_settings(
             instructions=new.realtime.instructions,
             voice=new.realtime.voice,

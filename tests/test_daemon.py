@@ -31,7 +31,7 @@ from harkd_process import (
     run_harkd,
     write_config,
 )
-from mosquitto import Mosquitto, Recorder, mosquitto_fixture
+from mosquitto import Mosquitto, Recorder, mosquitto_fixture, read_retained
 from speech_fixtures import read_wav, silence, write_wav
 
 pytestmark = pytest.mark.timeout(60)
@@ -46,6 +46,8 @@ QUESTION = "What time is it?"
 
 broker = mosquitto_fixture()
 auth_broker = mosquitto_fixture(users={MQTT_USER: MQTT_PASSWORD})
+# Logs unsubscriptions too ("<client id> <filter>"), next to subscriptions ("... 1 <filter>").
+logged_broker = mosquitto_fixture(extra_config=("log_type unsubscribe",))
 
 
 def clock_script(**kw: Any) -> FakeScript:
@@ -94,6 +96,17 @@ def speech_then_silence(path: Path, silence_ms: int = 1200) -> Path:
 def silent_wav(path: Path, ms: int = 2000) -> Path:
     write_wav(path, silence(ms), 16000)
     return path
+
+
+def install_plugin(site: Path, name: str, module: str, source: str) -> None:
+    """A third-party plugin `name`, installed the way pip would (dist-info + entry point)."""
+    site.mkdir(exist_ok=True)
+    (site / f"{module}.py").write_text(textwrap.dedent(source))
+    dist = site / f"{module}-1.0.dist-info"
+    dist.mkdir()
+    dist_name = module.replace("_", "-")
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist_name}\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(f"[harkd.plugins]\n{name} = {module}:plugin\n")
 
 
 async def history(config: Path) -> str:
@@ -326,6 +339,136 @@ async def test_sighup_applies_live_changes_and_reports_the_rest(
         assert_all_valid(server)
 
 
+DOORBELL_PLUGIN = """
+from harkd.plugins import reject_unknown_options
+
+
+def plugin(options, ctx):
+    reject_unknown_options(options, {"topic", "announce"})
+
+    def ring(topic, payload, retained):
+        if not retained:  # a ring the broker kept is not someone at the door now
+            ctx.logger.info("ring on %s", topic)
+            ctx.say(options["announce"])
+
+    ctx.subscribe(options["topic"], ring)
+    return []
+"""
+FRONT_DOOR = "home/frontdoor/ring"
+BACK_DOOR = "home/backdoor/ring"
+
+
+async def test_sighup_drops_the_replaced_plugins_subscriptions(
+    tmp_path: Path, logged_broker: Mosquitto
+) -> None:
+    """A doorbell plugin has the assistant announce rings on its MQTT topic. Moved to
+    another topic by SIGHUP, it answers the new door only; removed, it answers neither
+    (and harkd stops taking the doors' messages); back again on new MQTT settings, it
+    answers on the new connection. The daemon stays online on one session throughout."""
+    broker = logged_broker
+    site = tmp_path / "site"
+    install_plugin(site, "doorbell", "harkd_doorbell_test", DOORBELL_PLUGIN)
+    front = {"topic": FRONT_DOOR, "announce": "Someone is at the front door."}
+    back = {"topic": BACK_DOOR, "announce": "Someone is at the back door."}
+    quiet = silent_wav(tmp_path / "quiet.wav")
+
+    def broker_logged(line: str) -> bool:
+        return re.search(rf"^\d+: {line}$", broker.log_text(), re.MULTILINE) is not None
+
+    async with FakeRealtimeServer(FakeScript(audio_ms_per_char=5), api_keys={KEY}) as server:
+
+        def announced(door: str) -> int:
+            """How many times harkd had the model announce someone at `door`."""
+            return sum(
+                f"at the {door} door" in part.get("text", "")
+                for _, e in server.received
+                if e["type"] == "conversation.item.create" and e["item"].get("role") == "system"
+                for part in e["item"]["content"]
+            )
+
+        config = daemon_config(
+            tmp_path,
+            server.url,
+            KEY,
+            audio={"input": {"device": f"file:{quiet}"}},
+            mqtt=mqtt_on(broker),
+            plugins={"clock": {}, "doorbell": front},
+        )
+        cfg = write_config(tmp_path, config)
+        with Recorder(broker, f"{BASE}/#") as rec:
+            async with Harkd(cfg, env=harkd_env(PYTHONPATH=str(site))) as daemon:
+
+                async def reload(applied: str) -> None:
+                    write_config(cfg, config)
+                    mark = len(daemon.lines)
+                    daemon.send_signal(signal.SIGHUP)
+                    line = await daemon.wait_log("SIGHUP: applied", after=mark)
+                    assert line.endswith(f"SIGHUP: applied {applied}"), line
+
+                await daemon.wait_log("harkd ready")
+                assert not any("left out" in line for line in daemon.lines), daemon.output
+                # Subscribed before this is published (same connection), and say() needs
+                # the session: both are there once the status says connected.
+                await rec.wait_for(f"{BASE}/status", lambda m: m.text == "connected")
+
+                # The front door rings: the assistant says so.
+                rec.publish(FRONT_DOOR, "ding")
+                await until(lambda: announced("front") == 1, 5, "the front door announced")
+                await daemon.wait_log(f"ring on {FRONT_DOOR}")
+
+                # Moved to the back door. A ring at the front door, then one at the back:
+                # the back one is announced, so the front one (delivered before it, on the
+                # same connection) had reached harkd and was left alone.
+                config["plugins"]["doorbell"] = back
+                await reload("plugins")
+                # Rings only reach harkd once the broker has its new subscription.
+                await until(lambda: broker_logged(rf"\S+ 1 {BACK_DOOR}"), 5, "subscribed")
+                rec.publish(FRONT_DOOR, "ding")
+                rec.publish(BACK_DOOR, "ding")
+                await until(lambda: announced("back") == 1, 5, "the back door announced")
+                assert announced("front") == 1, "the replaced doorbell still hears the front door"
+
+                # Removed: neither door is announced. A question typed afterwards gets its
+                # answer, so both rings were behind harkd by then.
+                del config["plugins"]["doorbell"]
+                await reload("plugins")
+                rec.publish(FRONT_DOOR, "ding")
+                rec.publish(BACK_DOOR, "ding")
+                rec.publish(f"{BASE}/cmd/text", "Is anyone at the door?")
+                await rec.wait_for(
+                    f"{BASE}/transcript/assistant",
+                    lambda m: "Is anyone at the door?" in m.text,
+                )
+                assert (announced("front"), announced("back")) == (1, 1)
+                rings = [line for line in daemon.lines if "ring on" in line]
+                assert len(rings) == 2, rings
+                # Nor does the broker still send harkd the doors' messages.
+                doors_log = [line for line in broker.log_text().splitlines() if "/ring" in line]
+                for door in (FRONT_DOOR, BACK_DOOR):
+                    assert broker_logged(rf"\S+ {door}"), doors_log  # "<client id> <filter>"
+
+                # Back at the front door, with new MQTT settings: a new connection, which
+                # the doorbell's subscription moves to.
+                config["plugins"]["doorbell"] = front
+                config["mqtt"]["publish_levels"] = True
+                rec.clear()
+                await reload("mqtt.publish_levels, plugins")
+                await rec.wait_for(f"{BASE}/availability", lambda m: m.text == "online")
+                rec.publish(FRONT_DOOR, "ding")
+                await until(lambda: announced("front") == 2, 5, "the front door announced again")
+
+                # Healthy: online on the broker, on the one session, nothing went wrong.
+                assert daemon.running
+                retained = await read_retained(broker, f"{BASE}/#")
+                assert retained[f"{BASE}/availability"] == b"online"
+                assert retained[f"{BASE}/status"] == b"connected"
+                assert f"{BASE}/error" not in retained  # cleared (empty) or never set
+                assert server.sessions[0].connected and len(server.sessions) == 1
+                assert " ERROR " not in daemon.output and "Traceback" not in daemon.output
+                assert await daemon.stop() == 0
+        assert_all_valid(server)
+
+
 # --------------------------------------------------------------------------- secrets
 
 
@@ -375,20 +518,10 @@ def plugin(options, ctx):
 """
 
 
-def install_crashy_plugin(site: Path) -> None:
-    """A third-party plugin, installed the way pip would (dist-info + entry point)."""
-    site.mkdir()
-    (site / "harkd_crashy_test.py").write_text(textwrap.dedent(CRASHY_PLUGIN))
-    dist = site / "harkd_crashy_test-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: harkd-crashy-test\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[harkd.plugins]\ncrashy = harkd_crashy_test:plugin\n")
-
-
 async def test_broken_plugins_are_isolated(tmp_path: Path) -> None:
     """A plugin that is not installed is left out (named in the log); a tool that
     raises answers the model with an error; the daemon is ready and keeps running."""
-    install_crashy_plugin(tmp_path / "site")
+    install_plugin(tmp_path / "site", "crashy", "harkd_crashy_test", CRASHY_PLUGIN)
     notify = NotifySocket()
     env = harkd_env(NOTIFY_SOCKET=notify.address, PYTHONPATH=str(tmp_path / "site"))
     script = FakeScript(
