@@ -5,9 +5,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # System packages: ALSA headers (pyalsaaudio has no wheels), a broker for tests,
-# PulseAudio null sink for paced audio, espeak-ng + sox for speech fixtures.
+# PulseAudio null sink for paced audio, espeak-ng + sox for speech fixtures,
+# openssl for the MQTT TLS tests' throwaway certificates.
 APT_PACKAGES := libasound2-dev alsa-utils libasound2-plugins mosquitto pulseaudio \
-	pulseaudio-utils espeak-ng sox python3-venv python3-dev gcc
+	pulseaudio-utils espeak-ng sox openssl python3-venv python3-dev gcc
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint bench system venv clean

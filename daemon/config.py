@@ -294,6 +294,14 @@ def _check_state(config: Config) -> list[str]:
                     problems.append(f"{key}: file {path} is empty")
             except OSError as exc:
                 problems.append(f"{key}: cannot read {path}: {exc.strerror or exc}")
+    tls = config.mqtt.tls
+    if isinstance(tls, TlsFiles):
+        # ssl reads these when the bridge connects; a bad path found then would be a
+        # restart loop with a traceback instead of a config error naming the key.
+        for name in ("ca_certs", "certfile", "keyfile"):
+            path = getattr(tls, name)
+            if path is not None and not os.access(path, os.R_OK):
+                problems.append(f"mqtt.tls.{name}: cannot read {path}")
     missing_key = config.realtime.api_key is None and config.realtime.api_key_file is None
     if config.realtime.provider == "openai" and missing_key:
         problems.append(

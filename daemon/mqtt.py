@@ -24,6 +24,8 @@ import json
 import logging
 import random
 import re
+import ssl
+import sys
 import threading
 import time
 from collections import deque
@@ -72,6 +74,7 @@ LEVEL_HEARTBEAT_S = 1.0
 SHUTDOWN_TIMEOUT_S = 1.0
 
 _VOLUME = re.compile(r"[+-]?[0-9]+")
+_SSL_SOURCE = re.compile(r"\s*\(_ssl\.c:\d+\)")
 _DATA_URL = re.compile(r"data:image/[\w.+-]+(;[\w=.+-]+)*;base64,", re.ASCII)
 
 
@@ -237,6 +240,8 @@ class MqttBridge:
         self._status = "not started"
         self._unreachable_logged = False
         self._refused_logged: str | None = None
+        self._failure_logged: str | None = None
+        self._socket_error: str | None = None
         self._published: dict[str, bytes] = {}
         self._queue: deque[tuple[str, bytes, int, bool]] = deque()
         self._dropped = 0
@@ -357,6 +362,7 @@ class MqttBridge:
         client.on_connect_fail = self._paho_connect_fail
         client.on_disconnect = self._paho_disconnect
         client.on_message = self._paho_message
+        client.on_log = self._paho_log
         return client
 
     def _post(self, fn: Callable[..., None], *args: Any) -> None:
@@ -370,7 +376,15 @@ class MqttBridge:
         self._post(self._handle_connect, reason.is_failure, str(reason))
 
     def _paho_connect_fail(self, _c: paho.Client, _u: Any) -> None:
-        self._post(self._handle_unreachable)
+        # paho calls this inside its `except OSError:`; the exception tells TLS failures
+        # (a certificate the CA does not vouch for, ...) from an unreachable broker.
+        self._post(self._handle_unreachable, sys.exc_info()[1])
+
+    def _paho_log(self, _c: paho.Client, _u: Any, level: int, buf: str) -> None:
+        # paho reports why a socket failed only in its log, e.g. a TLS broker that
+        # wants a client certificate drops us after the handshake, before CONNACK.
+        if level == paho.MQTT_LOG_ERR:
+            self._post(self._note_socket_error, buf)
 
     def _paho_disconnect(
         self, _c: paho.Client, _u: Any, _f: Any, reason: ReasonCode, _p: Any
@@ -402,18 +416,36 @@ class MqttBridge:
         self._status = f"connected to {self._where}"
         self._unreachable_logged = False
         self._refused_logged = None
+        self._failure_logged = None
         client.subscribe([(topic, 1) for topic in self._subscriptions])
         self._publish_all()
         self._flush_queue()
 
-    def _handle_unreachable(self) -> None:
+    def _handle_unreachable(self, error: BaseException | None = None) -> None:
+        if isinstance(error, ssl.SSLError):
+            self._connect_failed(f"TLS handshake with {self._where} failed: {_tls_reason(error)}")
+            return
         self._status = f"broker {self._where} unreachable, retrying"
         level = logging.DEBUG if self._unreachable_logged else logging.WARNING
         logger.log(level, "MQTT broker %s unreachable; retrying with backoff", self._where)
         self._unreachable_logged = True
 
+    def _note_socket_error(self, text: str) -> None:
+        self._socket_error = _SSL_SOURCE.sub("", text)
+
+    def _connect_failed(self, why: str) -> None:
+        """A connection attempt failed for a reason worth telling (once, then debug)."""
+        self._status = f"{why}; retrying"
+        level = logging.WARNING if self._failure_logged != why else logging.DEBUG
+        hint = "; check mqtt.tls" if self._config.tls else ""
+        logger.log(level, "MQTT %s%s; retrying with backoff", why, hint)
+        self._failure_logged = why
+
     def _handle_disconnect(self, reason: str) -> None:
+        error, self._socket_error = self._socket_error, None
         if not self._connected:
+            if error is not None and self._status != "stopped":
+                self._connect_failed(f"broker {self._where} closed the connection ({error})")
             return
         self._connected = False
         self._unreachable_logged = True  # the loss is the warning; retries are debug
@@ -674,6 +706,12 @@ def _utf8(payload: bytes) -> str:
 
 def _shown(payload: bytes) -> str:
     return repr(payload[:40].decode("utf-8", "replace"))
+
+
+def _tls_reason(error: ssl.SSLError) -> str:
+    if isinstance(error, ssl.SSLCertVerificationError) and error.verify_message:
+        return f"certificate verify failed: {error.verify_message}"
+    return _SSL_SOURCE.sub("", str(error))
 
 
 def _opt_path(path: Path | None) -> str | None:

@@ -6,11 +6,15 @@ Usage in a test module::
 
     broker = mosquitto_fixture()                  # function-scoped, anonymous
     auth_broker = mosquitto_fixture(users={"u": "secret"})
+    tls_broker = mosquitto_fixture(tls="broker_tls")  # a fixture returning a BrokerTls
 
     async def test_x(broker: Mosquitto) -> None:
         with Recorder(broker, "harkd/#") as rec:
             ...
             msg = await rec.wait_for("harkd/kitchen/status")
+
+A broker started with a `BrokerTls` speaks only TLS on its port; the helper's own
+clients (`Recorder`, `read_retained`) then connect over TLS with `BrokerTls`'s files.
 """
 
 from __future__ import annotations
@@ -44,6 +48,41 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class BrokerTls:
+    """A TLS listener: the broker's certificate and key, and the CA clients trust.
+
+    `ca_certs` is the CA that signed `certfile`; with `require_certificate` the broker
+    also demands a client certificate signed by it. `client_certfile` and
+    `client_keyfile` are what the helper's own clients present (needed with
+    `require_certificate`).
+    """
+
+    ca_certs: Path
+    certfile: Path
+    keyfile: Path
+    require_certificate: bool = False
+    client_certfile: Path | None = None
+    client_keyfile: Path | None = None
+
+    def listener_config(self) -> list[str]:
+        """Mosquitto options for the listener just declared."""
+        return [
+            f"cafile {self.ca_certs}",
+            f"certfile {self.certfile}",
+            f"keyfile {self.keyfile}",
+            f"require_certificate {'true' if self.require_certificate else 'false'}",
+        ]
+
+    def apply_to(self, client: paho.Client) -> None:
+        """Make a helper client connect over TLS, trusting `ca_certs`."""
+        client.tls_set(
+            ca_certs=str(self.ca_certs),
+            certfile=None if self.client_certfile is None else str(self.client_certfile),
+            keyfile=None if self.client_keyfile is None else str(self.client_keyfile),
+        )
+
+
 class Mosquitto:
     """One private broker: its own port, config, persistence directory and log."""
 
@@ -53,12 +92,15 @@ class Mosquitto:
         *,
         users: Mapping[str, str] | None = None,
         extra_config: tuple[str, ...] = (),
+        tls: BrokerTls | None = None,
     ) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.host = HOST
         self.users = dict(users or {})
         self.extra_config = extra_config
+        self.tls = tls
+        """With TLS set, the only listener speaks TLS."""
         self.log = workdir / "mosquitto.log"
         self._proc: subprocess.Popen[bytes] | None = None
         workdir.mkdir(parents=True, exist_ok=True)
@@ -67,6 +109,7 @@ class Mosquitto:
     def _write_config(self) -> None:
         lines = [
             f"listener {self.port} {HOST}",
+            *(self.tls.listener_config() if self.tls is not None else ()),
             f"allow_anonymous {'false' if self.users else 'true'}",
             "persistence true",
             f"persistence_location {self.workdir}/",
@@ -154,13 +197,22 @@ def mosquitto_fixture(
     scope: Any = "function",
     users: Mapping[str, str] | None = None,
     extra_config: tuple[str, ...] = (),
+    tls: str | None = None,
 ) -> Any:
-    """A pytest fixture factory: a started private broker, stopped at teardown."""
+    """A pytest fixture factory: a started private broker, stopped at teardown.
+
+    `tls` names a fixture (of the same or a wider scope) that returns a `BrokerTls`.
+    """
 
     @pytest.fixture(scope=scope)
-    def fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
+    def fixture(
+        request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+    ) -> Iterator[Mosquitto]:
         broker = Mosquitto(
-            tmp_path_factory.mktemp("mosquitto"), users=users, extra_config=extra_config
+            tmp_path_factory.mktemp("mosquitto"),
+            users=users,
+            extra_config=extra_config,
+            tls=None if tls is None else request.getfixturevalue(tls),
         )
         broker.start()
         try:
@@ -192,7 +244,8 @@ class Recorder:
 
     With `session` set, it keeps a persistent session (clean_session false) under that
     client id, so the broker stores QoS 1 messages for it while it is disconnected
-    (across broker restarts, too). It reconnects by itself.
+    (across broker restarts, too). It reconnects by itself. It connects over TLS when
+    the broker has `tls` set.
     """
 
     def __init__(self, broker: Mosquitto, topic_filter: str, *, session: str | None = None):
@@ -206,6 +259,8 @@ class Recorder:
             client_id=session or f"rec-{uuid.uuid4().hex[:8]}",
             clean_session=session is None,
         )
+        if broker.tls is not None:
+            broker.tls.apply_to(self._client)
         self._client.reconnect_delay_set(1, 1)
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = lambda *_: self._subscribed.set()

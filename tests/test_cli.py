@@ -67,8 +67,19 @@ def test_check_config_prints_the_resolved_config_with_the_key_redacted(tmp_path:
             {"realtime": {"api_key_file": "/nonexistent/harkd/openai.key"}},
             "realtime.api_key_file: cannot read /nonexistent/harkd/openai.key",
         ),
+        (
+            {"mqtt": {"tls": {"ca_certs": "/nonexistent/harkd/ca.pem"}}},
+            "mqtt.tls.ca_certs: cannot read /nonexistent/harkd/ca.pem",
+        ),
     ],
-    ids=["not-an-integer", "unknown-key", "out-of-range", "unset-variable", "missing-key-file"],
+    ids=[
+        "not-an-integer",
+        "unknown-key",
+        "out-of-range",
+        "unset-variable",
+        "missing-key-file",
+        "missing-ca-file",
+    ],
 )
 def test_check_config_rejects_a_bad_config_naming_file_and_path(
     tmp_path: Path, change: dict[str, object], message: str
