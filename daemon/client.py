@@ -286,14 +286,16 @@ class RealtimeClient:
     def start_listening(self) -> None:
         """Open a turn now (push-to-talk in manual mode; interrupts the assistant)."""
         if self._endpointer is not None and self._input is not None:
-            self._vad_events(self._endpointer.open_now())
+            for event in self._endpointer.open_now():
+                self._vad_event(event)
         else:
             self._apply(self._session.start_listening())
 
     def stop_listening(self) -> None:
         """Close the turn: commit it and ask for the answer (manual mode)."""
         if self._endpointer is not None and self._endpointer.is_open:
-            self._vad_events(self._endpointer.close_now())
+            for event in self._endpointer.close_now():
+                self._vad_event(event)
         else:
             self._apply(self._session.stop_listening())
 
@@ -622,16 +624,18 @@ class RealtimeClient:
             pcm = to_provider.process(frame.pcm)
             if self._endpointer is None:
                 if pcm:
-                    self._send_audio(pcm)
+                    await self._send_audio(pcm)
             else:
-                self._feed_vad(self._endpointer, to_vad.process(frame.pcm), pcm)
+                await self._feed_vad(self._endpointer, to_vad.process(frame.pcm), pcm)
 
-    def _send_audio(self, pcm: bytes) -> None:
+    async def _send_audio(self, pcm: bytes) -> None:
+        # Streaming audio is awaited straight onto the socket (see `send_audio`).
         for effect in self._session.append_audio(pcm):
-            if isinstance(effect, Send) and self._conn is not None:
-                self._conn.send(effect.command)
+            command = effect.command if isinstance(effect, Send) else None
+            if isinstance(command, ev.AppendAudio) and self._conn is not None:
+                await self._conn.send_audio(command)
 
-    def _feed_vad(self, endpointer: Endpointer, pcm16k: bytes, payload: bytes) -> None:
+    async def _feed_vad(self, endpointer: Endpointer, pcm16k: bytes, payload: bytes) -> None:
         # webrtcvad needs whole frames; the payload rides along with the frame it ends in.
         self._vad_pending += pcm16k
         self._payload_pending += payload
@@ -642,21 +646,24 @@ class RealtimeClient:
                 self._vad_pending[frame_bytes:],
             )
             payload, self._payload_pending = self._payload_pending, b""
-            self._vad_events(endpointer.process(chunk, payload))
+            for event in endpointer.process(chunk, payload):
+                if isinstance(event, TurnAudio):
+                    await self._send_audio(event.payload)
+                else:
+                    self._vad_event(event)
 
-    def _vad_events(self, vad_events: list[VadEvent]) -> None:
-        for event in vad_events:
-            match event:
-                case TurnOpened(preroll=preroll):
-                    self._apply(self._session.start_listening())
-                    for chunk in preroll:
-                        self._send_audio(chunk)
-                case TurnAudio(payload=payload):
-                    self._send_audio(payload)
-                case TurnClosed():
-                    self._apply(self._session.stop_listening())
-                case TurnDropped():
-                    self._apply(self._session.drop_turn())
+    def _vad_event(self, event: VadEvent) -> None:
+        match event:
+            case TurnOpened(preroll=preroll):
+                self._apply(self._session.start_listening())
+                for chunk in preroll:
+                    self._apply(self._session.append_audio(chunk))
+            case TurnAudio(payload=payload):
+                self._apply(self._session.append_audio(payload))
+            case TurnClosed():
+                self._apply(self._session.stop_listening())
+            case TurnDropped():
+                self._apply(self._session.drop_turn())
 
 
 def _discard(callbacks: list[Callable[..., None]], callback: Callable[..., None]) -> None:

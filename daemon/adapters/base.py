@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from harkd.events import Command, ServerEvent, SessionSettings
+from harkd.events import AppendAudio, Command, ServerEvent, SessionSettings
 from harkd.messages import RealtimeToken
 
 
@@ -31,6 +31,9 @@ class RealtimeConnection(Protocol):
 
     def send(self, command: Command) -> None:
         """Queue a command; control commands overtake queued audio."""
+
+    async def send_audio(self, command: AppendAudio) -> None:
+        """Send microphone audio behind anything already queued."""
 
     def update_session(self, settings: SessionSettings) -> None:
         """Apply changed settings (instructions, tools) to the running session."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import itertools
 import json
 import logging
@@ -24,6 +25,7 @@ from harkd.audio.base import PROVIDER_RATE
 from harkd.messages import RealtimeToken
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.protocol import State
 
 log = logging.getLogger(__name__)
 
@@ -394,6 +396,21 @@ class OpenAIConnection:
                 self._audio.clear()
             self._control.append(json.dumps(self._stamp(encode(command))))
         self._wakeup.set()
+
+    async def send_audio(self, command: ev.AppendAudio) -> None:
+        """Send an append now when nothing is queued ahead of it, else queue it.
+
+        Capture awaits this once per period: the common case writes straight to the
+        socket instead of waking the writer task, which costs a loop pass per frame.
+        Only a full socket buffer makes it wait; capture then drops its oldest frames
+        rather than queueing audio without bound.
+        """
+        if self._control or self._audio or self._ws.state is not State.OPEN:
+            # A closing socket would hold the sender until the close completes.
+            self.send(command)
+            return
+        with contextlib.suppress(ConnectionClosed):  # the reader reports the close
+            await self._ws.send(json.dumps(encode(command)))
 
     def update_session(self, settings: ev.SessionSettings) -> None:
         """Send a new `session.update` (instructions, tools) on the open session."""
