@@ -131,7 +131,7 @@ class LoopLagProbe:
     the probe's last tick is stale. Either way :meth:`healthy` fails once.
     """
 
-    def __init__(self, tick_s: float = 0.25) -> None:
+    def __init__(self, tick_s: float = 1.0) -> None:
         self.tick_s = tick_s
         self.last_lag_s = 0.0
         self._worst_lag_s = 0.0
