@@ -167,6 +167,22 @@ async def test_null_output_is_a_paced_speaker() -> None:
     await speaker.stop()
 
 
+async def test_null_output_drains_when_the_answer_would_have_ended() -> None:
+    # 500 ms is not a whole number of the null speaker's periods: the end is still exact.
+    speaker = NullOutput()
+    drained = asyncio.Event()
+    speaker.on_drained(drained.set)
+    await speaker.start(Listener())
+    began = time.monotonic()
+    speaker.play("a", tone(500))
+    await asyncio.sleep(0.45)
+    assert speaker.is_playing and speaker.played_ms("a") == pytest.approx(450, abs=25)
+    await asyncio.wait_for(drained.wait(), 1.0)
+    assert time.monotonic() - began == pytest.approx(0.5, abs=0.05)
+    assert not speaker.is_playing and speaker.played_ms("a") == 500
+    await speaker.stop()
+
+
 def test_factories_choose_the_edge(tmp_path: Path) -> None:
     wav = write_wav(tmp_path / "in.wav", ramp(100), 16000)
     mic = open_input(AudioInputConfig(device=f"file:{wav}", loop=True))

@@ -12,7 +12,8 @@ WAV file, so `played_ms`, `stop_playback`, `is_playing` and `on_drained` tell th
 truth as with a real device. Only audio is written (idle time between responses is
 not), and the header is kept valid after every write and finalized on `stop`.
 
-`NullOutput` (`audio.output.device: null`) is the same virtual speaker without a file.
+`NullOutput` (`audio.output.device: null`) is the same virtual speaker without a file
+(with 200 ms periods: nothing needs feeding, and positions come from the clock).
 It is paced rather than discarding at once so that barge-in stays truthful: an
 interrupt truncates the answer where a listener would have been, and the assistant is
 `speaking` for as long as the answer lasts (which also keeps half-duplex mic gating
@@ -259,7 +260,9 @@ class WavOutput(_PacedOutput):
 class NullOutput(_PacedOutput):
     """No speaker (`audio.output.device: null`): paced, so played positions stay truthful."""
 
-    def __init__(self, rate: int = PROVIDER_RATE, period_ms: int = 20, volume: int = 100) -> None:
+    def __init__(self, rate: int = PROVIDER_RATE, period_ms: int = 200, volume: int = 100) -> None:
+        # Nothing is fed in real time, and positions inside a chunk come from the clock,
+        # so long periods lose no precision and wake the loop a tenth as often.
         super().__init__("null", rate, period_ms, volume)
 
 
