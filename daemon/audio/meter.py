@@ -9,8 +9,8 @@ rfft of the last 1024 samples). A daemon nobody watches pays nothing for its met
 
 from __future__ import annotations
 
+import contextlib
 import math
-import threading
 import time
 from collections import deque
 
@@ -28,6 +28,8 @@ HOLD_S = 0.1
 DECAY_TAU_S = 0.15
 """Time constant of the decay toward 0 once the hold is over."""
 _FULL_SCALE = 32768.0
+_PENDING_CHUNKS = 64
+"""Chunks kept until a read: over one WINDOW for any chunk of 16 samples or more."""
 
 
 class LevelMeter:
@@ -52,33 +54,27 @@ class LevelMeter:
         self._silent_time: tuple[float, ...] = (0.0,) * TIME_POINTS
         self._frequency = self._silent_frequency
         self._time_domain = self._silent_time
-        self._lock = threading.Lock()
-        self._pending: deque[bytes] = deque()
-        self._pending_samples = 0
+        # deque appends and pops are atomic: the audio thread and the loop share it
+        # without a lock. A full deque drops its oldest chunk, which keeps `feed` O(1).
+        self._pending: deque[bytes] = deque(maxlen=_PENDING_CHUNKS)
         self._reading = MeterReading(0.0, self._silent_frequency, self._silent_time, sample_rate)
         self._fed_at = -math.inf
 
     def feed(self, pcm: bytes, now: float | None = None) -> None:
         """Account for a chunk of PCM16 mono audio that is being captured or played now."""
-        if len(pcm) < 2:
-            return
-        with self._lock:
+        if len(pcm) >= 2:
             self._pending.append(pcm)
-            self._pending_samples += len(pcm) // 2
-            # Keep just enough for one analysis window (plus the latest chunk).
-            while self._pending_samples - len(self._pending[0]) // 2 >= WINDOW:
-                self._pending_samples -= len(self._pending.popleft()) // 2
             self._fed_at = time.monotonic() if now is None else now
 
     def reading(self, now: float | None = None) -> MeterReading:
         """The latest reading, decayed toward silence if no audio arrived lately."""
         if now is None:
             now = time.monotonic()
-        with self._lock:
-            chunks = list(self._pending)
-            self._pending.clear()
-            self._pending_samples = 0
-            fed_at = self._fed_at
+        fed_at = self._fed_at
+        chunks: list[bytes] = []
+        with contextlib.suppress(IndexError):  # emptied by another reader meanwhile
+            while self._pending:
+                chunks.append(self._pending.popleft())
         if chunks:
             self._analyse(chunks, fed_at)
         reading = self._reading
@@ -97,9 +93,8 @@ class LevelMeter:
 
     def _analyse(self, chunks: list[bytes], fed_at: float) -> None:
         """Level of the latest chunk; spectrum and waveform when the rate allows."""
-        for chunk in chunks:
-            usable = len(chunk) - len(chunk) % 2
-            self._push(np.frombuffer(chunk[:usable], dtype="<i2").astype(np.float32) / _FULL_SCALE)
+        recent = b"".join(c[: len(c) - len(c) % 2] for c in chunks)[-2 * WINDOW :]
+        self._push(np.frombuffer(recent, dtype="<i2").astype(np.float32) / _FULL_SCALE)
         last = chunks[-1]
         latest = np.frombuffer(last[: len(last) - len(last) % 2], dtype="<i2")
         latest_f = latest.astype(np.float32) / _FULL_SCALE
