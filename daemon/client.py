@@ -599,8 +599,7 @@ class RealtimeClient:
         """Half duplex: while the assistant talks (and a tail after) the mic is shut."""
         if self._barge_in:
             return False
-        if self._session.mode is RealtimeMode.SPEAKING:
-            # Speaking includes an answer still arriving while the speaker ran dry.
+        if self._session.speaking:
             return True
         return time.monotonic() - self._quiet_since < self._echo_tail_s
 
@@ -609,6 +608,7 @@ class RealtimeClient:
         self._input_meter = LevelMeter(rate)
         to_provider = StreamResampler(rate, PROVIDER_RATE)
         to_vad = StreamResampler(rate, VAD_RATE)
+        resample = not to_provider.passthrough  # 24 kHz microphones skip the call
         was_shut = False
         async for frame in source.frames():
             self._input_meter.feed(frame.pcm, frame.captured_at)
@@ -621,7 +621,7 @@ class RealtimeClient:
                 was_shut = True
                 continue
             was_shut = False
-            pcm = to_provider.process(frame.pcm)
+            pcm = to_provider.process(frame.pcm) if resample else frame.pcm
             if self._endpointer is None:
                 if pcm:
                     await self._send_audio(pcm)
@@ -630,10 +630,13 @@ class RealtimeClient:
 
     async def _send_audio(self, pcm: bytes) -> None:
         # Streaming audio is awaited straight onto the socket (see `send_audio`).
-        for effect in self._session.append_audio(pcm):
-            command = effect.command if isinstance(effect, Send) else None
-            if isinstance(command, ev.AppendAudio) and self._conn is not None:
-                await self._conn.send_audio(command)
+        if self._session.append_audio(pcm) and self._conn is not None:
+            await self._conn.send_audio(pcm)
+
+    def _queue_audio(self, pcm: bytes) -> None:
+        # From synchronous paths (a turn opened by push-to-talk): behind the queue.
+        if self._session.append_audio(pcm) and self._conn is not None:
+            self._conn.send(ev.AppendAudio(pcm))
 
     async def _feed_vad(self, endpointer: Endpointer, pcm16k: bytes, payload: bytes) -> None:
         # webrtcvad needs whole frames; the payload rides along with the frame it ends in.
@@ -657,9 +660,9 @@ class RealtimeClient:
             case TurnOpened(preroll=preroll):
                 self._apply(self._session.start_listening())
                 for chunk in preroll:
-                    self._apply(self._session.append_audio(chunk))
+                    self._queue_audio(chunk)
             case TurnAudio(payload=payload):
-                self._apply(self._session.append_audio(payload))
+                self._queue_audio(payload)
             case TurnClosed():
                 self._apply(self._session.stop_listening())
             case TurnDropped():

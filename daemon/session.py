@@ -163,15 +163,29 @@ class Session:
         return tuple(self._messages)
 
     @property
+    def speaking(self) -> bool:
+        """Mode is speaking: the answer plays, or is still arriving while the speaker ran
+        dry. Asked for every microphone frame (half duplex), so it is kept cheap."""
+        if self._playing:
+            return self._connected
+        response = self._response
+        return (
+            response is not None
+            and response.has_output
+            and not response.cancelled
+            and self._connected
+        )
+
+    @property
     def mode(self) -> RealtimeMode:
         """What the conversation is doing, derived from the turn flags."""
         if not self._connected:
             return RealtimeMode.IDLE
-        if self._playing:
+        if self.speaking:
             return RealtimeMode.SPEAKING
         response = self._response
         if response is not None and not response.cancelled:
-            return RealtimeMode.SPEAKING if response.has_output else RealtimeMode.THINKING
+            return RealtimeMode.THINKING
         if self._awaiting_response or self._response_requested or self._tools_running:
             return RealtimeMode.THINKING
         if self._user_speaking or self._turn_open:
@@ -214,12 +228,16 @@ class Session:
 
     # --- user intents --------------------------------------------------------------
 
-    def append_audio(self, pcm: bytes) -> list[Effect]:
-        """Microphone audio (24 kHz PCM16) to send, if a turn may hear it."""
+    def append_audio(self, pcm: bytes) -> bool:
+        """Whether microphone audio (24 kHz PCM16) may go to the provider now.
+
+        Audio is the data plane, 50 chunks a second: the caller sends it itself rather
+        than through an effect, and the session only counts it into the open turn.
+        """
         if not self._connected or (self.vad_mode == "manual" and not self._turn_open):
-            return []
+            return False
         self._turn_ms += len(pcm) / BYTES_PER_MS
-        return [Send(ev.AppendAudio(pcm))]
+        return True
 
     def start_listening(self) -> list[Effect]:
         """Open a turn: interrupt the assistant if it talks, then stream fresh audio."""

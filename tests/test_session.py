@@ -133,11 +133,11 @@ def test_transcript_before_its_item_is_not_lost() -> None:
 def test_manual_turn_commits_then_asks_for_one_response() -> None:
     session = connected("manual")
     assert session.mode is RealtimeMode.IDLE
-    assert session.append_audio(b"\0" * 20 * MS) == []  # nothing leaves between turns
+    assert not session.append_audio(b"\0" * 20 * MS)  # nothing leaves between turns
     assert sent(session.start_listening()) == [ev.ClearAudio()]
     assert session.mode is RealtimeMode.LISTENING
     for _ in range(10):
-        session.append_audio(b"\0" * 20 * MS)
+        assert session.append_audio(b"\0" * 20 * MS)
     assert sent(session.stop_listening()) == [ev.CommitAudio(), ev.CreateResponse()]
     assert session.mode is RealtimeMode.THINKING
     session.handle(ev.InputCommitted("item_m1", None))

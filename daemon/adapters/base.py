@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from harkd.events import AppendAudio, Command, ServerEvent, SessionSettings
+from harkd.events import Command, ServerEvent, SessionSettings
 from harkd.messages import RealtimeToken
 
 
@@ -32,8 +32,8 @@ class RealtimeConnection(Protocol):
     def send(self, command: Command) -> None:
         """Queue a command; control commands overtake queued audio."""
 
-    async def send_audio(self, command: AppendAudio) -> None:
-        """Send microphone audio behind anything already queued."""
+    async def send_audio(self, pcm: bytes) -> None:
+        """Send microphone audio (PCM16 24 kHz) behind anything already queued."""
 
     def update_session(self, settings: SessionSettings) -> None:
         """Apply changed settings (instructions, tools) to the running session."""

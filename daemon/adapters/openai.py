@@ -72,14 +72,16 @@ def session_update(settings: ev.SessionSettings) -> dict[str, Any]:
     return {"type": "session.update", "session": session}
 
 
+def append_event(pcm: bytes) -> dict[str, Any]:
+    """`input_audio_buffer.append` of PCM16 24 kHz mono."""
+    return {"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm).decode("ascii")}
+
+
 def encode(command: ev.Command) -> dict[str, Any]:
     """A provider-neutral command as a GA client event."""
     match command:
         case ev.AppendAudio(pcm=pcm):
-            return {
-                "type": "input_audio_buffer.append",
-                "audio": base64.b64encode(pcm).decode("ascii"),
-            }
+            return append_event(pcm)
         case ev.CommitAudio():
             return {"type": "input_audio_buffer.commit"}
         case ev.ClearAudio():
@@ -397,7 +399,7 @@ class OpenAIConnection:
             self._control.append(json.dumps(self._stamp(encode(command))))
         self._wakeup.set()
 
-    async def send_audio(self, command: ev.AppendAudio) -> None:
+    async def send_audio(self, pcm: bytes) -> None:
         """Send an append now when nothing is queued ahead of it, else queue it.
 
         Capture awaits this once per period: the common case writes straight to the
@@ -407,10 +409,10 @@ class OpenAIConnection:
         """
         if self._control or self._audio or self._ws.state is not State.OPEN:
             # A closing socket would hold the sender until the close completes.
-            self.send(command)
+            self.send(ev.AppendAudio(pcm))
             return
         with contextlib.suppress(ConnectionClosed):  # the reader reports the close
-            await self._ws.send(json.dumps(encode(command)))
+            await self._ws.send(json.dumps(append_event(pcm)))
 
     def update_session(self, settings: ev.SessionSettings) -> None:
         """Send a new `session.update` (instructions, tools) on the open session."""
