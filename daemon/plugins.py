@@ -257,7 +257,8 @@ def load_plugins(
             logger.error("plugin %s left out: %s", name, result)
             problems.append(result)
         else:
-            logger.info("plugin %s: tools %s", name, ", ".join(t.name for t in result.tools))
+            names = ", ".join(t.name for t in result.tools) or "none"
+            logger.info("plugin %s: tools %s", name, names)
             loaded.append(result)
 
     owner: dict[str, str] = {}
