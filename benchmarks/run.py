@@ -1,17 +1,18 @@
 """`make bench`: every harkd benchmark in one invocation, against one fake realtime server.
 
-Phases (all on loopback, same machine, same run; about 6 minutes on 2 cores):
+Phases (all on loopback, same machine, same run; about 7 minutes on 2 cores):
 
 1. latency   `harkd run` on paced ALSA (PulseAudio null sink), 20 tool-calling turns:
              uplink, downlink and turn overhead (benchmarks/bench_session.py);
 2. start-up  exec of `harkd run` -> READY=1 on the bench's NOTIFY_SOCKET, 7 times;
 3. barge-in  benchmarks/bench_audio.py's barge-in: stop -> room silent, and the
              played-ms the daemon would truncate at minus what the room heard;
-4. cost      3 rounds; in each, `harkd run` and the peers (benchmarks/peers.py: the
+4. cost      5 rounds; in each, `harkd run` and the peers (benchmarks/peers.py: the
              `openai` SDK realtime connection, the floor, and an `openai-agents`
              RealtimeRunner session) stream the same 64 s WAV with two tool-calling
              turns side by side; CPU and peak RSS over the same 60 s window. Ratios
-             are taken within each round, then the median over rounds is reported;
+             are taken within each round, then the median over rounds is reported
+             (5 rounds: on a shared machine one round can be 20% off either way);
 5. components bench_vad.py and bench_resample.py (CPU of the audio helpers).
 
 Prints a Markdown table and writes benchmarks/results/latest.json and latest.md.
@@ -49,7 +50,7 @@ RESULTS = HERE / "results"
 LATENCY_TURNS = 20
 STARTUP_RUNS = 7
 BARGE_IN_RUNS = 7
-COST_ROUNDS = 3
+COST_ROUNDS = 5
 COST_WINDOW_S = 60.0
 PEERS = ("openai", "agents")
 PERIOD_MS = 20  # audio.input.period_ms of the bench configs
@@ -146,7 +147,8 @@ async def measure(workdir: Path, log: Any) -> dict[str, Any]:
                 clients += [peer_client(kind, server.url, wav) for kind in PEERS]
                 # Rotate the start order: the first one started streams longest before
                 # the window opens.
-                clients = clients[index:] + clients[:index]
+                first = index % len(clients)
+                clients = clients[first:] + clients[:first]
                 rounds.append(await bs.cost_round(server, clients, workdir, COST_WINDOW_S))
             result["cost_rounds"] = rounds
             result["cost"] = summarize_cost(rounds, workdir)
