@@ -123,7 +123,12 @@ def summarize_cost(rounds: list[dict[str, Any]], workdir: Path) -> dict[str, Any
             if "cpu_percent" in h and "cpu_percent" in p and p["cpu_percent"] > 0:
                 cpu.append(h["cpu_percent"] / p["cpu_percent"])
                 rss.append(h["peak_rss_mb"] / p["peak_rss_mb"])
-        ratios[peer] = {"cpu": median(cpu), "peak_rss": median(rss), "rounds": len(cpu)}
+        ratios[peer] = {
+            "cpu": median(cpu),
+            "cpu_range": [round(min(cpu), 3), round(max(cpu), 3)] if cpu else None,
+            "peak_rss": median(rss),
+            "rounds": len(cpu),
+        }
     return {"clients": per_client, "harkd_ratio_to": ratios}
 
 
@@ -174,6 +179,11 @@ def _fmt(value: Any, unit: str = "", digits: int = 2) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}f}{unit}"
     return f"{value}{unit}"
+
+
+def _range(ratio: dict[str, Any]) -> str:
+    low_high = ratio.get("cpu_range")
+    return f" ({low_high[0]:.2f}-{low_high[1]:.2f})" if low_high else ""
 
 
 def verdicts(r: dict[str, Any]) -> list[tuple[str, str, str, str, bool | None]]:
@@ -248,7 +258,7 @@ def verdicts(r: dict[str, Any]) -> list[tuple[str, str, str, str, bool | None]]:
         (
             "CPU ratio harkd / openai SDK (floor)",
             _fmt(floor["cpu"], "x"),
-            f"median of {floor['rounds']} per-round ratios",
+            f"median of {floor['rounds']} per-round ratios{_range(floor)}",
             "<= 1.5x",
             floor["cpu"] is not None and floor["cpu"] <= 1.5,
         )
@@ -257,7 +267,7 @@ def verdicts(r: dict[str, Any]) -> list[tuple[str, str, str, str, bool | None]]:
         (
             "CPU ratio harkd / openai-agents",
             _fmt(agents["cpu"], "x"),
-            f"median of {agents['rounds']} per-round ratios",
+            f"median of {agents['rounds']} per-round ratios{_range(agents)}",
             "< 1.0x",
             None if agents["cpu"] is None else agents["cpu"] < 1.0,
         )
