@@ -7,9 +7,23 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from harkd.client import RealtimeClient
+from harkd.adapters.openai import openai_realtime
+from harkd.client import RealtimeClient, ReconnectPolicy
 from harkd.messages import RealtimeStatus
 from harkd.testing import FakeRealtimeServer, validate_client_event
+from harkd.tokens import static_token
+
+
+def fake_client(server: FakeRealtimeServer, key: str, **options: Any) -> RealtimeClient:
+    """A RealtimeClient on `server` with test defaults (fast reconnects); `options` win."""
+    defaults: dict[str, Any] = {
+        "get_token": static_token(key),
+        "adapter": openai_realtime(url=server.url),
+        "instructions": "Be brief.",
+        "transcription_model": "gpt-4o-mini-transcribe",
+        "reconnect": ReconnectPolicy(0.05, 0.2),
+    }
+    return RealtimeClient(**{**defaults, **options})
 
 
 async def until(predicate: Callable[[], bool], timeout_s: float = 5.0, what: str = "") -> None:

@@ -56,12 +56,7 @@ class Recording:
 
     def stop(self) -> None:
         """Stop recording and wait for the last chunk."""
-        self.process.terminate()
-        try:
-            self.process.wait(5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(5)
+        _terminate(self.process)
         if self._thread is not None:
             self._thread.join(5)
 
@@ -188,12 +183,7 @@ class PulseServer:
         """Stop the server and remove its directory."""
         self._stop_keeper()
         if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+            _terminate(self.process)
         if self._saved_env is None:
             os.environ.pop("PULSE_SERVER", None)
         else:
@@ -229,3 +219,13 @@ class PulseServer:
             timeout=10,
             check=check,
         )
+
+
+def _terminate(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if it is still there after 5 s."""
+    process.terminate()
+    try:
+        process.wait(5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(5)

@@ -8,8 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from e2e import assert_all_valid, sent_types, until
-from harkd.adapters.openai import openai_realtime
+from e2e import assert_all_valid, fake_client, sent_types, until
 from harkd.client import RealtimeClient, ReconnectPolicy
 from harkd.messages import (
     AudioPart,
@@ -41,15 +40,7 @@ async def server() -> AsyncIterator[FakeRealtimeServer]:
 
 
 def make_client(server: FakeRealtimeServer, **options: Any) -> RealtimeClient:
-    defaults: dict[str, Any] = {
-        "get_token": static_token(KEY),
-        "adapter": openai_realtime(url=server.url),
-        "tools": [TIME_TOOL],
-        "instructions": "Be brief.",
-        "transcription_model": "gpt-4o-mini-transcribe",
-        "reconnect": ReconnectPolicy(0.05, 0.2),
-    }
-    return RealtimeClient(**{**defaults, **options})
+    return fake_client(server, KEY, **{"tools": [TIME_TOOL], **options})
 
 
 def assistant_texts(client: RealtimeClient) -> list[str]:

@@ -17,13 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e import Running, assert_all_valid, sent_types, until
-from harkd.adapters.openai import openai_realtime
+from e2e import Running, assert_all_valid, fake_client, sent_types, until
 from harkd.audio.wav import WavInput, WavOutput
-from harkd.client import RealtimeClient, ReconnectPolicy
+from harkd.client import RealtimeClient
 from harkd.messages import MessageFinalized, RealtimeMode
 from harkd.testing import FakeRealtimeServer, FakeScript
-from harkd.tokens import static_token
 from speech_fixtures import len_ms, silence, speech_pcm, write_wav
 
 pytestmark = pytest.mark.timeout(30)
@@ -67,14 +65,7 @@ def speech_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_client(server: FakeRealtimeServer, **options: Any) -> RealtimeClient:
-    defaults: dict[str, Any] = {
-        "get_token": static_token(KEY),
-        "adapter": openai_realtime(url=server.url),
-        "instructions": "Be brief.",
-        "transcription_model": "gpt-4o-mini-transcribe",
-        "reconnect": ReconnectPolicy(0.05, 0.2),
-    }
-    return RealtimeClient(**{**defaults, **options})
+    return fake_client(server, KEY, **options)
 
 
 def finals(client: RealtimeClient) -> list[MessageFinalized]:
