@@ -397,27 +397,8 @@ class RealtimeClient:
             self._set_status(
                 RealtimeStatus.CONNECTING if attempt == 0 else RealtimeStatus.RECONNECTING
             )
-            try:
-                token = await self._get_token()
-                conn = await self._adapter.connect(token, self._settings)
-            except AuthenticationFailed as exc:
-                self._fail(RealtimeError("invalid_api_key", str(exc)))
-                await self._pause(max(AUTH_RETRY_S, self._reconnect.max_delay_s))
-                continue
-            except (ConnectionFailed, RealtimeError, OSError) as exc:
-                error = (
-                    exc
-                    if isinstance(exc, RealtimeError)
-                    else RealtimeError("connect_failed", str(exc))
-                )
-                if error.code == "invalid_api_key":
-                    self._fail(error)
-                    await self._pause(max(AUTH_RETRY_S, self._reconnect.max_delay_s))
-                    continue
-                self._conn_error = error
-                self._set_status(RealtimeStatus.RECONNECTING)
-                self._attempted.set()
-                await self._pause(self._reconnect.delay(attempt))
+            conn = await self._open(attempt)
+            if conn is None:
                 attempt += 1
                 continue
             opened = time.monotonic()
@@ -434,8 +415,39 @@ class RealtimeClient:
             await self._pause(self._reconnect.delay(attempt))
             attempt += 1
 
+    async def _open(self, attempt: int) -> RealtimeConnection | None:
+        """One connection attempt; on failure, waits out the backoff and returns None."""
+        try:
+            token = await self._get_token()
+            return await self._adapter.connect(token, self._settings)
+        except AuthenticationFailed as exc:
+            error = RealtimeError("invalid_api_key", str(exc))
+        except RealtimeError as exc:
+            error = exc
+        except (ConnectionFailed, OSError) as exc:
+            error = RealtimeError("connect_failed", str(exc))
+        except Exception as exc:
+            # A bug (ours, a token source's or an adapter's) must not take the
+            # microphone and speaker down with it: it is one more failed attempt.
+            log.exception("connecting failed unexpectedly")
+            error = RealtimeError("connect_failed", f"{type(exc).__name__}: {exc}")
+        if error.code == "invalid_api_key":
+            self._fail(error)
+            await self._pause(max(AUTH_RETRY_S, self._reconnect.max_delay_s))
+        else:
+            self._conn_error = error
+            self._set_status(RealtimeStatus.RECONNECTING)
+            self._attempted.set()
+            await self._pause(self._reconnect.delay(attempt))
+        return None
+
     async def _serve(self, conn: RealtimeConnection) -> int | None:
-        """Run one connection until it ends; returns its close code."""
+        """Run one connection until it ends; returns its close code.
+
+        Whatever ends it (a close, a ping timeout, a protocol error, a bug in an event
+        handler) is a lost connection: logged once, and the caller reconnects. Audio
+        devices are not touched.
+        """
         self._conn = conn
         self._conn_error = None
         self._live_voice = self._settings.voice
@@ -454,6 +466,10 @@ class RealtimeClient:
                 log.warning("realtime connection lost: %s", lost)
         except AuthenticationFailed as exc:
             self._conn_error = RealtimeError("invalid_api_key", str(exc))
+        except ConnectionFailed as exc:
+            log.warning("realtime connection failed: %s", exc)
+        except Exception:
+            log.exception("realtime connection broken by a bug; reconnecting")
         finally:
             for task in (serving, watcher):
                 task.cancel()

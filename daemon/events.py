@@ -186,6 +186,14 @@ class ServerError:
 
 
 @dataclass(frozen=True, slots=True)
+class AudioDropped:
+    """The connection could not take this much queued microphone audio and dropped it
+    (reported by the transport, not the server): it never reached the provider."""
+
+    pcm_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
 class Ignored:
     """A known event harkd does not need (rate limits, part added...)."""
 
@@ -220,6 +228,7 @@ ServerEvent: TypeAlias = (
     | ResponseDone
     | ItemTruncated
     | ServerError
+    | AudioDropped
     | Ignored
     | Unknown
 )

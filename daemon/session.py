@@ -379,6 +379,12 @@ class Session:
         handler = _HANDLERS.get(type(event))
         return [] if handler is None else handler(self, event)
 
+    def _on_AudioDropped(self, event: ev.AudioDropped) -> list[Effect]:
+        # The turn holds what really reached the provider: a commit is decided on that.
+        if self._turn_open:
+            self._turn_ms = max(0.0, self._turn_ms - event.pcm_bytes / BYTES_PER_MS)
+        return []
+
     def _on_SpeechStarted(self, event: ev.SpeechStarted) -> list[Effect]:
         self._user_speaking = True
         self._turn_since_tools = True
@@ -682,6 +688,7 @@ class Session:
 
 # One table from event type to handler; events not listed change nothing.
 _HANDLERS: dict[type, Callable[[Session, Any], list[Effect]]] = {
+    ev.AudioDropped: Session._on_AudioDropped,
     ev.SpeechStarted: Session._on_SpeechStarted,
     ev.SpeechStopped: Session._on_SpeechStopped,
     ev.InputCommitted: Session._on_InputCommitted,

@@ -26,6 +26,15 @@ class ConnectionLost(Exception):
         self.reason = reason
 
 
+class ProtocolError(ConnectionLost):
+    """The server sent something that is not its protocol (a non-JSON or binary frame,
+    a known event with missing or mistyped fields). The connection cannot be trusted
+    to be in step any more, so it ends like a drop and is reconnected."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(None, f"protocol error: {reason}")
+
+
 class RealtimeConnection(Protocol):
     """One open provider session."""
 
@@ -39,7 +48,11 @@ class RealtimeConnection(Protocol):
         """Apply changed settings (instructions, tools) to the running session."""
 
     async def serve(self, on_event: Callable[[ServerEvent], None]) -> None:
-        """Deliver decoded events until the connection ends; raises `ConnectionLost`."""
+        """Deliver decoded events until the connection ends.
+
+        Always ends by raising: `ConnectionLost` (a close, a drop, a ping timeout or a
+        `ProtocolError`), `AuthenticationFailed`, or whatever `on_event` raised.
+        """
 
     async def close(self) -> None:
         """Close cleanly."""

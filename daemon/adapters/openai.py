@@ -9,18 +9,25 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import contextlib
 import itertools
 import json
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlencode, urlsplit
 
 import websockets
 from harkd import events as ev
-from harkd.adapters.base import AuthenticationFailed, ConnectionFailed, ConnectionLost
+from harkd.adapters.base import (
+    AuthenticationFailed,
+    ConnectionFailed,
+    ConnectionLost,
+    ProtocolError,
+)
 from harkd.audio.base import PROVIDER_RATE
 from harkd.messages import RealtimeToken
 from websockets.asyncio.client import ClientConnection
@@ -30,8 +37,12 @@ from websockets.protocol import State
 log = logging.getLogger(__name__)
 
 SETUP_TIMEOUT_S = 15.0
+CLOSE_TIMEOUT_S = 2.0
 AUTH_CLOSE_CODES = {3000, 4001, 4003}
+AUDIO_LANE_FRAMES = 250
+"""Appends queued behind a slow socket before the oldest is dropped: ~5 s of 20 ms frames."""
 _PCM_FORMAT = {"type": "audio/pcm", "rate": PROVIDER_RATE}
+_BYTES_PER_MS = PROVIDER_RATE * 2 / 1000
 
 # --- encoding ---------------------------------------------------------------------
 
@@ -126,117 +137,201 @@ def _message_item(message: ev.CreateMessage) -> dict[str, Any]:
 # --- decoding ---------------------------------------------------------------------
 
 
-def _item_added(data: Mapping[str, Any]) -> ev.ServerEvent:
-    item = data.get("item") or {}
-    kind = item.get("type")
-    content = item.get("content") or []
-    texts = [c.get("text") for c in content if c.get("type") in ("input_text", "text")]
+class _Fields:
+    """Typed access to one server event (or a nested object of it).
+
+    The server is trusted to speak the protocol, but not blindly: a field of the wrong
+    type is a protocol error, raised here, instead of a crash deep in the session.
+    """
+
+    __slots__ = ("_data", "_kind")
+
+    def __init__(self, kind: str, data: object) -> None:
+        if not isinstance(data, Mapping):
+            raise ProtocolError(f"{kind}: expected an object, got {type(data).__name__}")
+        self._kind = kind
+        self._data: Mapping[str, Any] = data
+
+    def _bad(self, key: str, expected: str) -> ProtocolError:
+        found = type(self._data.get(key)).__name__
+        return ProtocolError(
+            f"malformed {self._kind} event: {key}: expected {expected}, got {found}"
+        )
+
+    def text(self, key: str, default: str | None = None) -> str:
+        value = self._data.get(key, default)
+        if not isinstance(value, str):
+            raise self._bad(key, "a string")
+        return value
+
+    def opt_text(self, key: str) -> str | None:
+        value = self._data.get(key)
+        if value is not None and not isinstance(value, str):
+            raise self._bad(key, "a string or null")
+        return value
+
+    def number(self, key: str, default: int = 0) -> int:
+        value = self._data.get(key, default)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self._bad(key, "a number")
+        return int(value)
+
+    def obj(self, key: str) -> _Fields:
+        """A nested object; missing or null reads as empty."""
+        value = self._data.get(key)
+        return _Fields(f"{self._kind}.{key}", {} if value is None else value)
+
+    def opt_mapping(self, key: str) -> Mapping[str, Any] | None:
+        value = self._data.get(key)
+        if value is not None and not isinstance(value, Mapping):
+            raise self._bad(key, "an object or null")
+        return value
+
+    def objs(self, key: str) -> list[_Fields]:
+        """A list of objects; missing or null reads as empty."""
+        value = self._data.get(key)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise self._bad(key, "a list")
+        return [_Fields(f"{self._kind}.{key}[]", v) for v in value]
+
+    def has(self, key: str) -> bool:
+        return self._data.get(key) is not None
+
+
+_ITEM_KINDS: dict[str, Literal["message", "function_call", "function_call_output"]] = {
+    "message": "message",
+    "function_call": "function_call",
+    "function_call_output": "function_call_output",
+}
+
+
+def _item_added(d: _Fields) -> ev.ServerEvent:
+    item = d.obj("item")
+    content = item.objs("content")
+    texts = [c.opt_text("text") for c in content if c.opt_text("type") in ("input_text", "text")]
     return ev.ItemAdded(
-        item_id=item.get("id", ""),
-        kind=kind if kind in ("message", "function_call", "function_call_output") else "other",
-        role=item.get("role"),
-        previous_item_id=data.get("previous_item_id"),
+        item_id=item.text("id", ""),
+        kind=_ITEM_KINDS.get(item.opt_text("type") or "", "other"),
+        role=item.opt_text("role"),
+        previous_item_id=d.opt_text("previous_item_id"),
         text=" ".join(t for t in texts if t) or None,
-        has_audio=any(c.get("type") in ("input_audio", "audio") for c in content),
+        has_audio=any(c.opt_text("type") in ("input_audio", "audio") for c in content),
     )
 
 
-def _output_item_added(data: Mapping[str, Any]) -> ev.ServerEvent:
-    item = data.get("item") or {}
-    kind = item.get("type")
+def _output_item_added(d: _Fields) -> ev.ServerEvent:
+    item = d.obj("item")
+    kind = item.opt_text("type")
     return ev.OutputItemAdded(
-        response_id=data.get("response_id", ""),
-        item_id=item.get("id", ""),
-        kind=kind if kind in ("message", "function_call") else "other",
-        call_id=item.get("call_id"),
-        name=item.get("name"),
+        response_id=d.text("response_id", ""),
+        item_id=item.text("id", ""),
+        kind="message"
+        if kind == "message"
+        else "function_call"
+        if kind == "function_call"
+        else "other",
+        call_id=item.opt_text("call_id"),
+        name=item.opt_text("name"),
     )
 
 
-def _response_done(data: Mapping[str, Any]) -> ev.ServerEvent:
-    response = data.get("response") or {}
+def _response_done(d: _Fields) -> ev.ServerEvent:
+    response = d.obj("response")
+    response_id = response.text("id", "")
     calls = tuple(
         ev.FunctionCallDone(
-            response_id=response.get("id", ""),
-            item_id=item.get("id", ""),
-            call_id=item.get("call_id", ""),
-            name=item.get("name", ""),
-            arguments=item.get("arguments") or "{}",
+            response_id=response_id,
+            item_id=item.text("id", ""),
+            call_id=item.text("call_id", ""),
+            name=item.text("name", ""),
+            arguments=item.opt_text("arguments") or "{}",
         )
-        for item in response.get("output") or []
-        if item.get("type") == "function_call"
+        for item in response.objs("output")
+        if item.opt_text("type") == "function_call"
     )
     return ev.ResponseDone(
-        response_id=response.get("id", ""),
-        status=response.get("status", "completed"),
-        usage=response.get("usage"),
-        status_details=response.get("status_details"),
+        response_id=response_id,
+        status=response.text("status", "completed"),
+        usage=response.opt_mapping("usage"),
+        status_details=response.opt_mapping("status_details"),
         function_calls=calls,
     )
 
 
-def _error(data: Mapping[str, Any]) -> ev.ServerEvent:
-    error = data.get("error") or {}
+def _error(d: _Fields) -> ev.ServerEvent:
+    error = d.obj("error")
+    code = error.opt_text("code") or error.opt_text("type") or "error"
     return ev.ServerError(
-        code=str(error.get("code") or error.get("type") or "error"),
-        message=str(error.get("message", "")),
-        type=str(error.get("type", "error")),
-        event_id=error.get("event_id"),
-        param=error.get("param"),
+        code=code,
+        message=error.text("message", ""),
+        type=error.text("type", "error"),
+        event_id=error.opt_text("event_id"),
+        param=error.opt_text("param"),
     )
 
 
-def _transcript_delta(spoken: bool) -> Callable[[Mapping[str, Any]], ev.ServerEvent]:
-    def decode(d: Mapping[str, Any]) -> ev.ServerEvent:
-        return ev.AssistantTranscriptDelta(d["response_id"], d["item_id"], d["delta"], spoken)
+def _audio_delta(d: _Fields) -> ev.ServerEvent:
+    try:
+        pcm = base64.b64decode(d.text("delta"), validate=True)
+    except binascii.Error as exc:
+        raise ProtocolError(f"malformed audio delta: {exc}") from None
+    return ev.AudioDelta(d.text("response_id"), d.text("item_id"), pcm)
+
+
+def _transcript_delta(spoken: bool) -> Callable[[_Fields], ev.ServerEvent]:
+    def decode(d: _Fields) -> ev.ServerEvent:
+        return ev.AssistantTranscriptDelta(
+            d.text("response_id"), d.text("item_id"), d.text("delta"), spoken
+        )
 
     return decode
 
 
-def _transcript_done(key: str, spoken: bool) -> Callable[[Mapping[str, Any]], ev.ServerEvent]:
-    def decode(d: Mapping[str, Any]) -> ev.ServerEvent:
-        return ev.AssistantTranscriptDone(d["response_id"], d["item_id"], d.get(key) or "", spoken)
+def _transcript_done(key: str, spoken: bool) -> Callable[[_Fields], ev.ServerEvent]:
+    def decode(d: _Fields) -> ev.ServerEvent:
+        text = d.opt_text(key) or ""
+        return ev.AssistantTranscriptDone(d.text("response_id"), d.text("item_id"), text, spoken)
 
     return decode
 
 
-def _audio_delta(d: Mapping[str, Any]) -> ev.ServerEvent:
-    return ev.AudioDelta(d["response_id"], d["item_id"], base64.b64decode(d["delta"]))
-
-
-_DECODERS: dict[str, Callable[[Mapping[str, Any]], ev.ServerEvent]] = {
-    "session.created": lambda d: ev.SessionReady((d.get("session") or {}).get("id", "")),
+_DECODERS: dict[str, Callable[[_Fields], ev.ServerEvent]] = {
+    "session.created": lambda d: ev.SessionReady(d.obj("session").text("id", "")),
     "session.updated": lambda d: ev.SessionUpdated(),
     "input_audio_buffer.speech_started": lambda d: ev.SpeechStarted(
-        d["item_id"], int(d.get("audio_start_ms", 0))
+        d.text("item_id"), d.number("audio_start_ms")
     ),
     "input_audio_buffer.speech_stopped": lambda d: ev.SpeechStopped(
-        d["item_id"], int(d.get("audio_end_ms", 0))
+        d.text("item_id"), d.number("audio_end_ms")
     ),
     "input_audio_buffer.committed": lambda d: ev.InputCommitted(
-        d["item_id"], d.get("previous_item_id")
+        d.text("item_id"), d.opt_text("previous_item_id")
     ),
     "input_audio_buffer.cleared": lambda d: ev.InputCleared(),
     "conversation.item.added": _item_added,
     "conversation.item.created": _item_added,  # beta name
     "conversation.item.input_audio_transcription.delta": lambda d: ev.UserTranscriptDelta(
-        d["item_id"], d.get("delta", "")
+        d.text("item_id"), d.text("delta", "")
     ),
     "conversation.item.input_audio_transcription.completed": lambda d: ev.UserTranscriptDone(
-        d["item_id"], d.get("transcript", "")
+        d.text("item_id"), d.text("transcript", "")
     ),
     "conversation.item.input_audio_transcription.failed": lambda d: ev.UserTranscriptFailed(
-        d["item_id"], str((d.get("error") or {}).get("message", "failed"))
+        d.text("item_id"), d.obj("error").text("message", "failed")
     ),
     "conversation.item.truncated": lambda d: ev.ItemTruncated(
-        d["item_id"], int(d.get("audio_end_ms", 0))
+        d.text("item_id"), d.number("audio_end_ms")
     ),
-    "response.created": lambda d: ev.ResponseCreated((d.get("response") or {}).get("id", "")),
+    "response.created": lambda d: ev.ResponseCreated(d.obj("response").text("id", "")),
     "response.output_item.added": _output_item_added,
     "response.output_audio.delta": _audio_delta,
     "response.audio.delta": _audio_delta,  # beta name
-    "response.output_audio.done": lambda d: ev.AudioDone(d["response_id"], d["item_id"]),
-    "response.audio.done": lambda d: ev.AudioDone(d["response_id"], d["item_id"]),
+    "response.output_audio.done": lambda d: ev.AudioDone(d.text("response_id"), d.text("item_id")),
+    "response.audio.done": lambda d: ev.AudioDone(d.text("response_id"), d.text("item_id")),
     "response.output_audio_transcript.delta": _transcript_delta(spoken=True),
     "response.audio_transcript.delta": _transcript_delta(spoken=True),
     "response.output_audio_transcript.done": _transcript_done("transcript", spoken=True),
@@ -246,7 +341,11 @@ _DECODERS: dict[str, Callable[[Mapping[str, Any]], ev.ServerEvent]] = {
     "response.output_text.done": _transcript_done("text", spoken=False),
     "response.text.done": _transcript_done("text", spoken=False),
     "response.function_call_arguments.done": lambda d: ev.FunctionCallDone(
-        d["response_id"], d["item_id"], d["call_id"], d.get("name", ""), d.get("arguments", "")
+        d.text("response_id"),
+        d.text("item_id"),
+        d.text("call_id"),
+        d.text("name", ""),
+        d.text("arguments", ""),
     ),
     "response.done": _response_done,
     "error": _error,
@@ -272,17 +371,33 @@ _IGNORED = frozenset(
 )
 
 
-def decode(data: Mapping[str, Any]) -> ev.ServerEvent:
-    """One server event (parsed JSON) as a provider-neutral event."""
-    kind = str(data.get("type", ""))
+def decode(data: object) -> ev.ServerEvent:
+    """One server event (parsed JSON) as a provider-neutral event.
+
+    An unknown event type is a value (the protocol grows); anything that is not an
+    event object, or a known event with missing or mistyped fields, raises
+    `ProtocolError`, which ends the connection like a drop.
+    """
+    if not isinstance(data, Mapping):
+        raise ProtocolError(f"server sent a JSON {type(data).__name__}, not an event object")
+    kind = data.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError("server event without a type")
     decoder = _DECODERS.get(kind)
     if decoder is None:
         return ev.Ignored(kind) if kind in _IGNORED else ev.Unknown(kind)
+    return decoder(_Fields(kind, data))
+
+
+def parse(message: str | bytes) -> ev.ServerEvent:
+    """One websocket message as an event; the realtime API sends only JSON text."""
+    if isinstance(message, bytes):
+        raise ProtocolError(f"server sent a binary frame ({len(message)} bytes)")
     try:
-        return decoder(data)
-    except (KeyError, TypeError, ValueError) as exc:
-        log.warning("malformed %s event: %s", kind, exc)
-        return ev.Unknown(kind)
+        data = json.loads(message)
+    except ValueError as exc:
+        raise ProtocolError(f"server sent a frame that is not JSON: {exc}") from None
+    return decode(data)
 
 
 # --- transport --------------------------------------------------------------------
@@ -322,6 +437,9 @@ class OpenAIRealtimeAdapter:
                 ping_interval=self.ping_interval_s,
                 ping_timeout=self.ping_timeout_s,
                 open_timeout=SETUP_TIMEOUT_S,
+                # After a ping timeout the peer is gone: don't wait websockets' default
+                # 10 s for a closing handshake that cannot come.
+                close_timeout=CLOSE_TIMEOUT_S,
                 compression=None,  # audio does not compress; deflate only costs CPU
             )
         except InvalidStatus as exc:
@@ -353,10 +471,16 @@ class OpenAIConnection:
     def __init__(self, ws: ClientConnection) -> None:
         self._ws = ws
         self._control: deque[str] = deque()
-        self._audio: deque[str] = deque(maxlen=250)  # ~5 s of 20 ms frames
+        # Audio waiting for the socket, with each message's PCM length. Bounded: a
+        # connection that cannot keep up loses its oldest audio, and says so.
+        self._audio: deque[tuple[str, int]] = deque()
         self._wakeup = asyncio.Event()
         self._ids = itertools.count(1)
         self._early: list[ev.ServerEvent] = []
+        self._on_event: Callable[[ev.ServerEvent], None] | None = None
+        self._dropped_bytes = 0
+        self._drop_report_scheduled = False
+        self._drop_log = DropLog()
 
     async def setup(self, settings: ev.SessionSettings) -> None:
         """`session.created`, then our `session.update`, until `session.updated`."""
@@ -370,7 +494,7 @@ class OpenAIConnection:
 
     async def _await_updated(self) -> None:
         while True:
-            event = decode(await self._receive())
+            event = parse(await self._receive())
             if isinstance(event, ev.SessionUpdated):
                 return
             if isinstance(event, ev.ServerError):
@@ -380,25 +504,23 @@ class OpenAIConnection:
             if not isinstance(event, ev.SessionReady | ev.Ignored):
                 self._early.append(event)
 
-    async def _receive(self) -> dict[str, Any]:
+    async def _receive(self) -> str | bytes:
         try:
-            message = await self._ws.recv()
+            return await self._ws.recv()
         except ConnectionClosed as exc:
             raise _lost(exc) from None
-        data = json.loads(message)
-        if not isinstance(data, dict):
-            raise ConnectionFailed("server sent a non-object event")
-        return data
 
     def send(self, command: ev.Command) -> None:
         """Queue a command; appends go to the audio lane, the rest overtake them
         (except a commit, which follows the audio it commits)."""
         if isinstance(command, ev.AppendAudio):
-            self._audio.append(append_message(command.pcm))
+            if len(self._audio) >= AUDIO_LANE_FRAMES:
+                self._drop_oldest_audio()
+            self._audio.append((append_message(command.pcm), len(command.pcm)))
         else:
             if isinstance(command, ev.CommitAudio):
                 # A commit must not overtake its turn's own audio.
-                self._control.extend(self._audio)
+                self._control.extend(message for message, _ in self._audio)
                 self._audio.clear()
             elif isinstance(command, ev.ClearAudio):
                 # Queued audio would be cleared anyway; sent after the clear, it would
@@ -407,13 +529,28 @@ class OpenAIConnection:
             self._control.append(json.dumps(self._stamp(encode(command))))
         self._wakeup.set()
 
+    def _drop_oldest_audio(self) -> None:
+        _, pcm_bytes = self._audio.popleft()
+        self._dropped_bytes += pcm_bytes
+        self._drop_log.dropped(pcm_bytes / _BYTES_PER_MS)
+        if not self._drop_report_scheduled:
+            # Told to the session after this send returns, not from inside it.
+            self._drop_report_scheduled = True
+            asyncio.get_running_loop().call_soon(self._report_drops)
+
+    def _report_drops(self) -> None:
+        self._drop_report_scheduled = False
+        dropped, self._dropped_bytes = self._dropped_bytes, 0
+        if dropped and self._on_event is not None:
+            self._on_event(ev.AudioDropped(dropped))
+
     async def send_audio(self, pcm: bytes) -> None:
         """Send an append now when nothing is queued ahead of it, else queue it.
 
         Capture awaits this once per period: the common case writes straight to the
         socket instead of waking the writer task, which costs a loop pass per frame.
-        Only a full socket buffer makes it wait; capture then drops its oldest frames
-        rather than queueing audio without bound.
+        Only a full socket buffer makes it wait; behind it the audio lane is bounded
+        and drops its oldest frames rather than queueing audio without bound.
         """
         if self._control or self._audio or self._ws.state is not State.OPEN:
             # A closing socket would hold the sender until the close completes.
@@ -434,23 +571,31 @@ class OpenAIConnection:
     async def serve(self, on_event: Callable[[ev.ServerEvent], None]) -> None:
         """Deliver events until the connection ends.
 
-        Always ends by raising: `ConnectionLost`, or `AuthenticationFailed` when the
-        server closed because of the credential.
+        Always ends by raising one exception, never a group: `ConnectionLost` (a close,
+        a drop, a ping timeout, a `ProtocolError`), `AuthenticationFailed` when the
+        server closed because of the credential, or whatever `on_event` raised.
         """
+        self._on_event = on_event
         for event in self._early:
             on_event(event)
         self._early.clear()
+        reader = asyncio.create_task(self._read(on_event), name="ws-reader")
+        writer = asyncio.create_task(self._write(), name="ws-writer")
         try:
-            async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(self._write(), name="ws-writer")
-                tasks.create_task(self._read(on_event), name="ws-reader")
-        except* (ConnectionLost, ConnectionFailed) as group:
-            # Reader and writer see the same close: report it once, unwrapped.
-            raise _first(group) from None
+            await asyncio.wait((reader, writer), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (reader, writer):
+                task.cancel()
+            await asyncio.gather(reader, writer, return_exceptions=True)
+        # Both may have seen the same close: the reader's account has the close code.
+        for task in (reader, writer):
+            if not task.cancelled() and (error := task.exception()) is not None:
+                raise error
+        raise ConnectionLost(None, "connection ended")
 
     async def _read(self, on_event: Callable[[ev.ServerEvent], None]) -> None:
         while True:
-            event = decode(await self._receive())
+            event = parse(await self._receive())
             if isinstance(event, ev.Unknown):
                 log.debug("unknown server event %s", event.type)
             on_event(event)
@@ -461,14 +606,39 @@ class OpenAIConnection:
                 await self._wakeup.wait()
                 self._wakeup.clear()
                 while self._control or self._audio:
-                    lane = self._control or self._audio
-                    await self._ws.send(lane.popleft())
+                    message = self._control.popleft() if self._control else self._audio.popleft()[0]
+                    await self._ws.send(message)
         except ConnectionClosed as exc:
             raise _lost(exc) from None
 
     async def close(self) -> None:
         """Close the websocket cleanly (bounded wait)."""
         await self._ws.close()
+
+
+class DropLog:
+    """Logs audio the connection could not take, at most once per `interval_s`."""
+
+    def __init__(self, interval_s: float = 10.0) -> None:
+        self.interval_s = interval_s
+        self.total_ms = 0.0
+        self._unlogged_ms = 0.0
+        self._last_log = -interval_s
+
+    def dropped(self, ms: float) -> None:
+        """Count `ms` of dropped audio; log the running figure when due."""
+        self.total_ms += ms
+        self._unlogged_ms += ms
+        now = time.monotonic()
+        if now - self._last_log >= self.interval_s:
+            log.warning(
+                "the connection cannot keep up: %.0f ms of microphone audio dropped "
+                "(%.0f ms in all on this connection)",
+                self._unlogged_ms,
+                self.total_ms,
+            )
+            self._unlogged_ms = 0.0
+            self._last_log = now
 
 
 def _lost(exc: ConnectionClosed) -> ConnectionFailed | ConnectionLost:
@@ -478,11 +648,6 @@ def _lost(exc: ConnectionClosed) -> ConnectionFailed | ConnectionLost:
     if code in AUTH_CLOSE_CODES or "invalid_api_key" in reason:
         return AuthenticationFailed(reason or "authentication failed")
     return ConnectionLost(code, reason or "connection dropped")
-
-
-def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    first = group.exceptions[0]
-    return _first(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 def _as_failure(exc: ConnectionFailed | ConnectionLost) -> ConnectionFailed:

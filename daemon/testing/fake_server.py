@@ -488,6 +488,18 @@ class FakeRealtimeServer:
         for conn in self._targets(index):
             await conn.send(dict(event))
 
+    async def send_raw(self, frame: str | bytes, index: int | None = None) -> None:
+        """Inject a frame exactly as given: garbage a broken server or proxy might send
+        (not JSON, a JSON array, a binary frame, an event with missing fields)."""
+        for conn in self._targets(index):
+            await conn.ws.send(frame)
+
+    def stall(self, index: int | None = None) -> None:
+        """Stop reading from a connection: the client's pings go unanswered, as behind
+        a dead NAT mapping, until its ping timeout fires."""
+        for conn in self._targets(index):
+            conn.ws.transport.pause_reading()
+
     def _targets(self, index: int | None) -> list[_Connection]:
         if index is None:
             return list(self._connections.values())
