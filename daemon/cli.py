@@ -6,23 +6,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import faulthandler
-import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Any
 
 import yaml
-from harkd.config import (
-    Config,
-    ConfigError,
-    JournalConfig,
-    _interpolate,
-    find_config,
-    load_config,
-)
+from harkd.config import Config, ConfigError, find_config, load_config
 from harkd.logsetup import configure_logging, register_secret
-from pydantic import ValidationError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -86,9 +76,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args: argparse.Namespace) -> tuple[Config, Path | None]:
+def _load(
+    args: argparse.Namespace, sections: Collection[str] | None = None
+) -> tuple[Config, Path | None]:
     path = find_config(getattr(args, "config", None))
-    config = load_config(path)
+    config = load_config(path, sections=sections)
     for secret in (config.api_key(), config.mqtt_password()):
         if secret:
             register_secret(secret)
@@ -133,7 +125,7 @@ def _monitor(args: argparse.Namespace) -> int:
     from harkd.monitor import run_monitor
 
     configure_logging("warning")
-    config, _ = _load(args)
+    config, _ = _load(args, sections=("device", "mqtt"))  # it only reads MQTT
     asyncio.run(run_monitor(config.mqtt, config.mqtt_password(), args.device))
     return EXIT_OK
 
@@ -142,33 +134,15 @@ def _history(args: argparse.Namespace) -> int:
     from harkd.journal import TranscriptJournal, format_history
 
     configure_logging("warning")
-    state_dir, journal = _journal_settings(find_config(args.config))
-    path = state_dir / "transcripts.jsonl"
+    # Only what history reads: it must work without the provider's credentials.
+    config, _ = _load(args, sections=("state_dir", "journal"))
+    path = config.state_dir / "transcripts.jsonl"
+    journal = config.journal
     records = TranscriptJournal(path, journal.max_bytes, journal.keep).read_last(
         max(1, args.n) * 500
     )
     print(format_history(records, args.n) or f"no conversations in {path}")
     return EXIT_OK
-
-
-def _journal_settings(path: Path | None) -> tuple[Path, JournalConfig]:
-    """Only what `history` needs: it must work without the API key's credentials."""
-    raw: Any = yaml.safe_load(path.read_text(encoding="utf-8")) if path and path.exists() else {}
-    raw = raw if isinstance(raw, dict) else {}
-    # `${NAME}` as `harkd run` reads it, but only in the keys used here: history must
-    # not need the variables that carry the credentials.
-    problems: list[str] = []
-    raw = _interpolate(
-        {k: raw[k] for k in ("state_dir", "journal") if k in raw}, (), os.environ, problems
-    )
-    if problems:
-        raise ConfigError(str(path), problems)
-    state = os.environ.get("STATE_DIRECTORY") or raw.get("state_dir") or "/var/lib/harkd"
-    try:
-        journal = JournalConfig.model_validate(raw.get("journal") or {})
-    except ValidationError as exc:
-        raise ConfigError(str(path), [f"journal: {exc.errors()[0]['msg']}"]) from None
-    return Path(str(state).split(":")[0]), journal
 
 
 def _fake_server(args: argparse.Namespace) -> int:

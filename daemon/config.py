@@ -4,13 +4,18 @@ Parsing happens once, at start (and on SIGHUP); every part of the daemon is hand
 only its own frozen section. `${NAME}` in any string is replaced from the
 environment; `api_key_file` / `password_file` are read here so that a missing
 credential is a configuration error, not a runtime surprise.
+
+Outside the systemd unit `${CREDENTIALS_DIRECTORY}` is unset; it then stands for
+/etc/harkd/credentials, the directory the unit's `LoadCredential=` lines copy from, so
+an administrator's `harkd check-config` reads the same secrets the service will.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -27,6 +32,11 @@ from pydantic import (
 
 SEARCH_PATHS = (Path("config.yaml"), Path("/etc/harkd/config.yaml"))
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# Where harkd.service's LoadCredential= lines read from; what ${CREDENTIALS_DIRECTORY}
+# means when systemd did not set it (only that variable has a fallback).
+CREDENTIALS_FALLBACK = Path("/etc/harkd/credentials")
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(Exception):
@@ -224,12 +234,19 @@ def find_config(explicit: str | os.PathLike[str] | None) -> Path | None:
 
 
 def load_config(
-    path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None
+    path: str | os.PathLike[str] | None,
+    env: Mapping[str, str] | None = None,
+    *,
+    sections: Collection[str] | None = None,
 ) -> Config:
-    """Read, interpolate and validate a config file; `None` gives the defaults."""
+    """Read, interpolate and validate a config file; `None` gives the defaults.
+
+    `sections` limits the work to those top-level keys (the rest keep their defaults
+    and are not checked): `harkd monitor` needs `mqtt`, not the provider's key.
+    """
     environ = os.environ if env is None else env
     if path is None:
-        return parse_config({}, "<defaults>", environ)
+        return parse_config({}, "<defaults>", environ, sections=sections)
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -239,49 +256,83 @@ def load_config(
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(source, [f"not valid YAML: {exc}"]) from exc
-    return parse_config({} if raw is None else raw, source, environ)
+    return parse_config({} if raw is None else raw, source, environ, sections=sections)
 
 
-def parse_config(raw: Any, source: str, env: Mapping[str, str] | None = None) -> Config:
-    """Validate already-parsed YAML data (a mapping)."""
+def parse_config(
+    raw: Any,
+    source: str,
+    env: Mapping[str, str] | None = None,
+    *,
+    sections: Collection[str] | None = None,
+) -> Config:
+    """Validate already-parsed YAML data (a mapping), or only its `sections`."""
     if not isinstance(raw, Mapping):
         raise ConfigError(source, [f"expected a mapping at the top level, got {_kind(raw)}"])
+    if sections is not None:
+        raw = {key: value for key, value in raw.items() if key in sections}
     problems: list[str] = []
-    data = _interpolate(raw, (), os.environ if env is None else env, problems)
+    fallbacks: set[str] = set()
+    data = _interpolate(raw, (), os.environ if env is None else env, problems, fallbacks)
     if problems:
         raise ConfigError(source, problems)
+    if fallbacks:
+        log.warning(
+            "CREDENTIALS_DIRECTORY is not set (not running under systemd): "
+            "reading credentials from %s, as harkd.service does",
+            CREDENTIALS_FALLBACK,
+        )
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(source, _describe_all(exc)) from None
-    problems = _check_state(config)
+    problems = _check_state(config, sections)
     if problems:
         raise ConfigError(source, problems)
     return _with_state_dir(config, os.environ if env is None else env)
 
 
 def _interpolate(
-    value: Any, path: tuple[str, ...], env: Mapping[str, str], problems: list[str]
+    value: Any,
+    path: tuple[str, ...],
+    env: Mapping[str, str],
+    problems: list[str],
+    fallbacks: set[str],
 ) -> Any:
+    """Replace `${NAME}` in every string; unset names go to `problems`.
+
+    An unset CREDENTIALS_DIRECTORY becomes CREDENTIALS_FALLBACK and is added to
+    `fallbacks`, so the caller can say so once.
+    """
     if isinstance(value, str):
 
         def sub(match: re.Match[str]) -> str:
             name = match.group(1)
-            if name not in env:
-                problems.append(f"{_dotted(path)}: environment variable {name} is not set")
-                return ""
-            return env[name]
+            if name in env:
+                return env[name]
+            if name == "CREDENTIALS_DIRECTORY":
+                fallbacks.add(name)
+                return str(CREDENTIALS_FALLBACK)
+            problems.append(f"{_dotted(path)}: environment variable {name} is not set")
+            return ""
 
         return _ENV_REF.sub(sub, value)
     if isinstance(value, Mapping):
-        return {k: _interpolate(v, (*path, str(k)), env, problems) for k, v in value.items()}
+        return {
+            k: _interpolate(v, (*path, str(k)), env, problems, fallbacks) for k, v in value.items()
+        }
     if isinstance(value, list):
-        return [_interpolate(v, (*path, str(i)), env, problems) for i, v in enumerate(value)]
+        return [
+            _interpolate(v, (*path, str(i)), env, problems, fallbacks) for i, v in enumerate(value)
+        ]
     return value
 
 
-def _check_state(config: Config) -> list[str]:
-    """Checks that need the file system: credentials exist and are readable."""
+def _check_state(config: Config, sections: Collection[str] | None = None) -> list[str]:
+    """Checks that need the file system: credentials exist and are readable.
+
+    Sections left out of `sections` hold defaults: only the key requirement differs.
+    """
     problems: list[str] = []
     files = (
         ("realtime.api_key_file", config.realtime.api_key_file),
@@ -303,7 +354,8 @@ def _check_state(config: Config) -> list[str]:
             if path is not None and not os.access(path, os.R_OK):
                 problems.append(f"mqtt.tls.{name}: cannot read {path}")
     missing_key = config.realtime.api_key is None and config.realtime.api_key_file is None
-    if config.realtime.provider == "openai" and missing_key:
+    wants_key = sections is None or "realtime" in sections
+    if wants_key and config.realtime.provider == "openai" and missing_key:
         problems.append(
             "realtime.api_key: required for provider openai "
             "(set api_key, e.g. ${OPENAI_API_KEY}, or api_key_file)"

@@ -49,7 +49,8 @@ def _adapter() -> Any | None:
         from openai.types.realtime import RealtimeClientEvent
         from pydantic import Field, TypeAdapter
     except ImportError:
-        logger.warning("openai package not installed: client events are not validated")
+        # Normal outside the test suite (the demo's fake server): not worth a warning.
+        logger.debug("openai package not installed: client events are not validated")
         return None
     return TypeAdapter(Annotated[RealtimeClientEvent, Field(discriminator="type")])
 
