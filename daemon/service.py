@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 SHUTDOWN_BUDGET_S = 5.0
 READY_WAIT_S = 3.0
 RESTART_MAX_DELAY_S = 60.0
+RECOVERED_AFTER_S = 10.0
+"""A restarted part counts as recovered (its error cleared) once it stayed up this long."""
 
 # What SIGHUP applies without a restart; every other difference is reported.
 LIVE_KEYS = (
@@ -186,7 +188,10 @@ class Daemon:
         self._parts[name] = part
 
     async def _keep_running(self, name: str, factory: Callable[[], Awaitable[None]]) -> None:
+        loop = asyncio.get_running_loop()
+        ceiling_s = restart_ceiling_s(watchdog_interval_s())
         delay = 1.0
+        recovery: asyncio.TimerHandle | None = None
         while True:
             started = time.monotonic()
             try:
@@ -197,15 +202,20 @@ class Daemon:
                 if part is not None:
                     part.alive = False
                     part.restarts += 1
-                if time.monotonic() - started > RESTART_MAX_DELAY_S:
-                    delay = 1.0
+                if time.monotonic() - started >= RECOVERED_AFTER_S:
+                    delay = 1.0  # it had been working: a new failure, not a crash loop
                 log.exception("%s failed; restarting in %.0f s", name, delay)
                 self.client.report_failure(name, f"{type(exc).__name__}: {exc}")
+            finally:
+                if recovery is not None:
+                    recovery.cancel()
             await asyncio.sleep(delay)
-            delay = min(delay * 2, RESTART_MAX_DELAY_S)
-            self.client.report_recovered(name)
+            delay = min(delay * 2, ceiling_s)
             if (part := self._parts.get(name)) is not None:
-                part.alive = True
+                part.alive = True  # running again: the watchdog may ping
+            # The error stays shown until the part has stayed up, so B/error does not
+            # flap clear-and-set through a crash loop.
+            recovery = loop.call_later(RECOVERED_AFTER_S, self.client.report_recovered, name)
 
     # --- MQTT and plugins -------------------------------------------------------------
 
@@ -357,6 +367,18 @@ class Daemon:
             voice=new.realtime.voice,
             tools=self.plugins.tools,
         )
+
+
+def restart_ceiling_s(watchdog_ping_s: float | None) -> float:
+    """The longest wait before restarting a failed part.
+
+    A waiting part fails the watchdog's health check, so under a systemd watchdog the
+    wait stays well inside one ping interval (half of WatchdogSec): systemd must not
+    kill a daemon that is only waiting to retry.
+    """
+    if watchdog_ping_s is None:
+        return RESTART_MAX_DELAY_S
+    return max(1.0, min(RESTART_MAX_DELAY_S, watchdog_ping_s / 2))
 
 
 def config_differences(old: Config, new: Config) -> list[str]:
