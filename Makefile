@@ -1,6 +1,8 @@
 # harkd — every target installs what it needs (system packages, a venv, the package).
 SHELL := /bin/bash
-PYTHON ?= python3
+# The distribution's Python is the reference (Debian 12 / Raspberry Pi OS: 3.11.2):
+# a pyenv or a newer build in PATH must not decide what "works" means.
+PYTHON ?= $(shell [ -x /usr/bin/python3 ] && echo /usr/bin/python3 || echo python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
