@@ -25,6 +25,7 @@ __all__ = [
 ]
 
 _MASK = "***"
+_OWN_PREFIX = "harkd."  # logger names of the daemon's modules: harkd.service, harkd.plugin.x
 _MIN_SECRET_LEN = 6  # shorter values would mask ordinary words all over the log
 
 # Shapes of credentials that must not reach a log even if nobody registered them.
@@ -118,6 +119,10 @@ class RedactingFormatter(logging.Formatter):
     With ``journald`` each line gets a ``<N>`` syslog priority prefix instead of
     a timestamp (journald stamps entries itself and splits them at newlines, so
     every traceback line carries the priority too).
+
+    The daemon's own loggers are shown without their ``harkd.`` prefix
+    (``service: harkd ready``): in the journal ``harkd.service:`` reads like a
+    message from systemd about the unit. Other loggers keep their full name.
     """
 
     def __init__(self, *, journald: bool, redactor: SecretRedactor | None = None) -> None:
@@ -129,6 +134,14 @@ class RedactingFormatter(logging.Formatter):
         super().__init__(fmt)
         self.journald = journald
         self.redactor = redactor or _redactor
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        """Format ``record`` with the ``harkd.`` logger prefix dropped."""
+        if record.name.startswith(_OWN_PREFIX):
+            # A copy: other handlers (and filters) still see the real logger name.
+            short = record.name.removeprefix(_OWN_PREFIX)
+            record = logging.makeLogRecord({**record.__dict__, "name": short})
+        return super().formatMessage(record)
 
     def format(self, record: logging.LogRecord) -> str:
         """Format and redact ``record``."""

@@ -55,14 +55,14 @@ def test_journald_prefixes_when_stderr_is_the_journal(
         stream.seek(0)
         lines = stream.read().splitlines()
     assert lines[:5] == [
-        "<7>harkd.test: debug d",
-        "<6>harkd.test: info",
-        "<4>harkd.test: warning",
-        "<3>harkd.test: error",
-        "<3>harkd.test: critical",
+        "<7>test: debug d",
+        "<6>test: info",
+        "<4>test: warning",
+        "<3>test: error",
+        "<3>test: critical",
     ]
     # journald splits at newlines: each traceback line needs its own priority.
-    assert lines[5] == "<3>harkd.test: tool failed"
+    assert lines[5] == "<3>test: tool failed"
     assert lines[6] == "<3>Traceback (most recent call last):"
     assert lines[-1] == "<3>ValueError: boom"
     assert all(line.startswith("<3>") for line in lines[5:])
@@ -74,8 +74,8 @@ def test_plain_format_without_journal(monkeypatch: pytest.MonkeyPatch) -> None:
     _log_everything(logging.getLogger("harkd.test"))
     lines = stream.getvalue().splitlines()
     assert len(lines) == 4  # debug is below the level
-    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO harkd.test: info", lines[0])
-    assert lines[3].endswith(" CRITICAL harkd.test: critical")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO test: info", lines[0])
+    assert lines[3].endswith(" CRITICAL test: critical")
 
 
 def test_journal_stream_of_another_file_means_plain(
@@ -88,6 +88,43 @@ def test_journal_stream_of_another_file_means_plain(
         logging.getLogger("x").info("hello")
         stream.seek(0)
         assert not stream.read().startswith("<")
+
+
+def test_journal_lines_do_not_look_like_unit_names() -> None:
+    # journalctl -u harkd shows systemd's own "harkd.service: Main process exited";
+    # the daemon's logger harkd.service must not be mistaken for it.
+    stream = io.StringIO()
+    configure_logging("info", stream, journald=True)
+    logging.getLogger("harkd.service").info("harkd ready (device kitchen)")
+    logging.getLogger("harkd.plugin.timers").info("timer set")
+    logging.getLogger("harkd_plugins.clock").info("clock loaded")
+    logging.getLogger("websockets.client").warning("connection closed")
+    assert stream.getvalue().splitlines() == [
+        "<6>service: harkd ready (device kitchen)",
+        "<6>plugin.timers: timer set",
+        "<6>harkd_plugins.clock: clock loaded",
+        "<4>websockets.client: connection closed",
+    ]
+
+
+def test_the_short_name_is_only_for_display() -> None:
+    # Another handler on the same logger (e.g. forwarding elsewhere) gets the real name.
+    names: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            names.append(record.name)
+
+    stream = io.StringIO()
+    configure_logging("info", stream, journald=True)
+    collect = Collect()
+    logging.getLogger().addHandler(collect)
+    try:
+        logging.getLogger("harkd.mqtt").info("connected")
+    finally:
+        logging.getLogger().removeHandler(collect)
+    assert stream.getvalue() == "<6>mqtt: connected\n"
+    assert names == ["harkd.mqtt"]
 
 
 def test_journald_can_be_forced() -> None:
