@@ -51,3 +51,11 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# A real systemd: debootstraps Debian 12 (cached in /var/cache/harkd-test, about a
+# minute the first time), boots it with systemd-nspawn and follows the README's
+# system-service steps inside. Needs root; -rP shows the measured times.
+.PHONY: test-systemd
+test-systemd: $(STAMP)
+	$(MAKE) system APT_PACKAGES="systemd-container debootstrap"
+	$(SUDO) env HARKD_TEST_SYSTEMD=1 $(PY) -m pytest -q -rP -m systemd_boot tests/test_systemd_boot.py
