@@ -1,6 +1,6 @@
 """`make bench`: every harkd benchmark in one invocation, against one fake realtime server.
 
-Phases (all on loopback, same machine, same run; about 7 minutes on 2 cores):
+Phases (all on loopback, same machine, same run; about 8 minutes on 2 cores):
 
 1. latency   `harkd run` on paced ALSA (PulseAudio null sink), 20 tool-calling turns:
              uplink, downlink and turn overhead (benchmarks/bench_session.py);
@@ -13,7 +13,9 @@ Phases (all on loopback, same machine, same run; about 7 minutes on 2 cores):
              turns side by side; CPU and peak RSS over the same 60 s window. Ratios
              are taken within each round, then the median over rounds is reported
              (5 rounds: on a shared machine one round can be 20% off either way);
-5. components bench_vad.py and bench_resample.py (CPU of the audio helpers).
+5. components bench_vad.py and bench_resample.py (CPU of the audio helpers);
+6. soak      benchmarks/bench_soak.py: 3000 tool-calling turns back to back; RSS
+             growth after the warm-up and the drift of the median turn latency.
 
 Prints a Markdown table and writes benchmarks/results/latest.json and latest.md.
 Every number in them is measured in this invocation.
@@ -43,6 +45,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import bench_audio  # noqa: E402
 import bench_session as bs  # noqa: E402
+import bench_soak  # noqa: E402
 import bench_vad  # noqa: E402
 from pulse_fixture import PulseServer  # noqa: E402
 
@@ -167,6 +170,8 @@ async def measure(workdir: Path, log: Any) -> dict[str, Any]:
         check=False,
     )
     result["components"]["resample_report"] = resample.stdout
+    log(f"soak: {bench_soak.TURNS} tool-calling turns (bench_soak)")
+    result["soak"] = await bench_soak.soak()
     return result
 
 
@@ -282,7 +287,41 @@ def verdicts(r: dict[str, Any]) -> list[tuple[str, str, str, str, bool | None]]:
                 None,
             )
         )
+    rows += soak_rows(r["soak"])
     return rows
+
+
+def soak_rows(soak: dict[str, Any]) -> list[tuple[str, str, str, str, bool | None]]:
+    """The soak's verdicts; a soak that did not finish fails both."""
+    growth_name = "Soak: RSS growth after warm-up"
+    drift_name = "Soak: turn latency drift (last 100 / turns 11-110)"
+    growth_target = f"<= {bench_soak.RSS_GROWTH_TARGET_MB:g} MB"
+    drift_target = f"{1 - bench_soak.DRIFT_TARGET:.2f}-{1 + bench_soak.DRIFT_TARGET:.2f}x"
+    if "error" in soak:
+        return [
+            (growth_name, "n/a", soak["error"], growth_target, False),
+            (drift_name, "n/a", soak["error"], drift_target, False),
+        ]
+    growth, drift = soak["rss_growth_mb"], soak["drift"]
+    turns = soak["turns"]
+    return [
+        (
+            growth_name,
+            _fmt(growth, " MB"),
+            f"turn {soak['warmup_turns']} -> {turns}: {soak['rss_warm_mb']} -> "
+            f"{soak['rss_end_mb']} MB, {soak['messages_in_memory']} messages in memory",
+            growth_target,
+            growth <= bench_soak.RSS_GROWTH_TARGET_MB,
+        ),
+        (
+            drift_name,
+            _fmt(drift, "x", 3),
+            f"{_fmt(soak['turn_ms_last_100'], ' ms')} vs {_fmt(soak['turn_ms_11_110'], ' ms')}"
+            f" (send -> answer final), {turns} turns in {soak['duration_s']:g} s",
+            drift_target,
+            drift is not None and abs(drift - 1) <= bench_soak.DRIFT_TARGET,
+        ),
+    ]
 
 
 def markdown(r: dict[str, Any]) -> str:

@@ -172,7 +172,11 @@ class RealtimeToken:
 
 @dataclass(frozen=True)
 class RealtimeState:
-    """A snapshot of everything a subscriber may show."""
+    """A snapshot of everything a subscriber may show.
+
+    `messages` is the recent conversation (the client keeps a bounded window of the
+    newest messages); the transcript journal holds the whole history.
+    """
 
     status: RealtimeStatus = RealtimeStatus.IDLE
     mode: RealtimeMode = RealtimeMode.IDLE

@@ -17,7 +17,7 @@ import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias, TypeVar
 
 from harkd import events as ev
 from harkd.messages import (
@@ -44,6 +44,15 @@ BYTES_PER_MS = 48
 
 MIN_COMMIT_MS = 100
 """The provider rejects commits of less audio than this."""
+
+MESSAGE_WINDOW = 200
+"""Messages kept in memory; older ones live only in the transcript journal. Enough for
+`replay_messages` at its limit (100 spoken messages, with tool calls in between) and
+for every message still in flight."""
+
+_OPEN_ITEMS = 8
+"""Per-item scratch (partial transcripts, speech timing) is kept for this many items:
+more are never open at once, and an item the server never finishes is forgotten."""
 
 # Errors that only tell us we raced the server; nothing for the user to see.
 _HARMLESS_ERRORS = {"response_cancel_not_active"}
@@ -104,6 +113,17 @@ class _Response:
     calls: dict[str, ToolCall] = field(default_factory=dict)
     has_output: bool = False
     cancelled: bool = False
+    done: bool = False
+
+
+_V = TypeVar("_V")
+
+
+def _remember(table: dict[str, _V], key: str, value: _V) -> None:
+    """`table[key] = value`, dropping the oldest key beyond `_OPEN_ITEMS`."""
+    table[key] = value
+    if len(table) > _OPEN_ITEMS:
+        del table[next(iter(table))]
 
 
 def local_item_id() -> str:
@@ -115,6 +135,9 @@ class Session:
     """Conversation state and turn-taking rules for one realtime conversation.
 
     It lives across reconnects: messages survive, per-connection bookkeeping does not.
+    Its memory does not grow with the conversation: it keeps the newest `max_messages`
+    messages, and forgets each item's and each response's bookkeeping once they are
+    final.
     """
 
     def __init__(
@@ -124,14 +147,18 @@ class Session:
         voice_interrupts: bool = True,
         transcribes: bool = True,
         has_audio_output: bool = True,
+        max_messages: int = MESSAGE_WINDOW,
     ) -> None:
         self.vad_mode = vad_mode
         self.voice_interrupts = voice_interrupts
         self.transcribes = transcribes
         self.has_audio_output = has_audio_output
+        self.max_messages = max_messages
 
-        self._messages: list[RealtimeMessage] = []
-        self._index: dict[str, int] = {}
+        # The window, by item id in conversation order, and its tuple form, built
+        # again only after a message changed (state is read after every event).
+        self._messages: dict[str, RealtimeMessage] = {}
+        self._snapshot: tuple[RealtimeMessage, ...] | None = ()
         self._final: set[str] = set()
         self.error: RealtimeError | None = None
         self.pending_user_transcript: str | None = None
@@ -159,8 +186,10 @@ class Session:
 
     @property
     def messages(self) -> tuple[RealtimeMessage, ...]:
-        """The conversation, in order."""
-        return tuple(self._messages)
+        """The newest `max_messages` messages of the conversation, in order."""
+        if self._snapshot is None:
+            self._snapshot = tuple(self._messages.values())
+        return self._snapshot
 
     @property
     def speaking(self) -> bool:
@@ -200,6 +229,8 @@ class Session:
         self._response = None
         self._responses.clear()
         self._received_ms.clear()
+        self._speech_start_ms.clear()
+        self._speech_ms.clear()
         self._response_requested = self._want_response = self._awaiting_response = False
         self._user_speaking = self._turn_open = False
         return []
@@ -219,7 +250,9 @@ class Session:
         """Recreate the last messages' text as items of a fresh session (context)."""
         effects: list[Effect] = []
         spoken = (
-            [m for m in self._messages if m.id in self._final and m.text][-last:] if last else []
+            [m for m in self._messages.values() if m.id in self._final and m.text][-last:]
+            if last
+            else []
         )
         for message in spoken:
             item = ev.CreateMessage(item_id=local_item_id(), role=message.role, text=message.text)
@@ -388,7 +421,7 @@ class Session:
     def _on_SpeechStarted(self, event: ev.SpeechStarted) -> list[Effect]:
         self._user_speaking = True
         self._turn_since_tools = True
-        self._speech_start_ms[event.item_id] = event.audio_start_ms
+        _remember(self._speech_start_ms, event.item_id, event.audio_start_ms)
         if not self.voice_interrupts:
             return []
         # With server VAD and interrupt_response the server cancels its own response.
@@ -398,18 +431,18 @@ class Session:
         self._user_speaking = False
         start = self._speech_start_ms.pop(event.item_id, None)
         if start is not None:
-            self._speech_ms[event.item_id] = max(0, event.audio_end_ms - start)
+            _remember(self._speech_ms, event.item_id, max(0, event.audio_end_ms - start))
         self._awaiting_response = True
         return []
 
     def _on_InputCommitted(self, event: ev.InputCommitted) -> list[Effect]:
         self._user_speaking = False
-        if event.item_id not in self._index:
+        if event.item_id not in self._messages:
             self._add(self._user_audio_message(event.item_id))
         return []
 
     def _on_ItemAdded(self, event: ev.ItemAdded) -> list[Effect]:
-        if event.item_id in self._index:
+        if event.item_id in self._messages:
             return []  # our own item echoed back, or already known from the commit
         if event.kind == "message" and event.role == "user" and event.has_audio:
             self._add(self._user_audio_message(event.item_id))
@@ -427,7 +460,7 @@ class Session:
 
     def _on_UserTranscriptDelta(self, event: ev.UserTranscriptDelta) -> list[Effect]:
         text = self._partials.get(event.item_id, "") + event.delta
-        self._partials[event.item_id] = text
+        _remember(self._partials, event.item_id, text)
         self.pending_user_transcript = text
         return [Emit(PartialTranscript("user", event.item_id, text))]
 
@@ -441,7 +474,7 @@ class Session:
     def _user_transcript_final(self, item_id: str, transcript: str) -> list[Effect]:
         self._partials.pop(item_id, None)
         self.pending_user_transcript = None
-        if item_id not in self._index:
+        if item_id not in self._messages:
             # Transcript before the item: remember the message now, in order.
             self._add(self._user_audio_message(item_id))
         message = self._message(item_id)
@@ -455,6 +488,7 @@ class Session:
     def _on_ResponseCreated(self, event: ev.ResponseCreated) -> list[Effect]:
         self._response_requested = False
         self._awaiting_response = False
+        self._forget_finished()
         response = _Response(event.response_id)
         self._response = response
         self._responses[event.response_id] = response
@@ -489,13 +523,13 @@ class Session:
             return []
         self._track_output(event.response_id, event.item_id)
         text = self._partials.get(event.item_id, "") + event.delta
-        self._partials[event.item_id] = text
+        _remember(self._partials, event.item_id, text)
         self.pending_assistant_transcript = text
         return [Emit(PartialTranscript("assistant", event.item_id, text))]
 
     def _on_AssistantTranscriptDone(self, event: ev.AssistantTranscriptDone) -> list[Effect]:
-        if not self._dropped(event.response_id):
-            self._final_text[event.item_id] = event.text
+        if not self._dropped(event.response_id) and event.item_id not in self._final:
+            _remember(self._final_text, event.item_id, event.text)
         return []
 
     def _on_FunctionCallDone(self, event: ev.FunctionCallDone) -> list[Effect]:
@@ -510,7 +544,7 @@ class Session:
         if event.call_id in response.calls:
             return
         response.calls[event.call_id] = ToolCall(event.call_id, event.name, event.arguments)
-        if event.item_id not in self._index:
+        if event.item_id not in self._messages:
             self._add(RealtimeMessage(id=event.item_id, role="assistant"))
             response.item_ids.append(event.item_id)
         part = ToolCallPart(id=event.call_id, name=event.name, arguments=event.arguments)
@@ -519,6 +553,7 @@ class Session:
     def _on_ResponseDone(self, event: ev.ResponseDone) -> list[Effect]:
         response = self._responses.get(event.response_id) or _Response(event.response_id)
         self._responses[event.response_id] = response
+        response.done = True
         if self._response is response:
             self._response = None
         effects: list[Effect] = []
@@ -606,8 +641,20 @@ class Session:
             item_id in r.item_ids and r is not self._response for r in self._responses.values()
         )
 
+    def _forget_finished(self) -> None:
+        # A response that is done and whose items are all final is never referred to
+        # again: forgetting it keeps barge-in and drain scans as short as one turn.
+        finished = [
+            response_id
+            for response_id, response in self._responses.items()
+            if response.done
+            and all(i in self._final or i not in self._messages for i in response.item_ids)
+        ]
+        for response_id in finished:
+            del self._responses[response_id]
+
     def _mark_interrupted(self, item_id: str, heard_ms: int) -> None:
-        if item_id in self._index and item_id not in self._final:
+        if item_id in self._messages and item_id not in self._final:
             message = self._message(item_id)
             self._put(replace(message, interrupted=True, duration_ms=heard_ms))
 
@@ -628,11 +675,12 @@ class Session:
             response.has_output = True
             if item_id not in response.item_ids:
                 response.item_ids.append(item_id)
-        if item_id not in self._index:
+        if item_id not in self._messages:
             self._add(RealtimeMessage(id=item_id, role="assistant"))
 
     def _record_tool_result(self, call: ToolCall, text: str) -> list[Effect]:
-        for message in self._messages:
+        # Newest first: the call is one of the last messages.
+        for message in reversed(self._messages.values()):
             for part in message.parts:
                 if isinstance(part, ToolCallPart) and part.id == call.call_id:
                     parts = (replace(part, output=text), ToolResultPart(call.call_id, text))
@@ -641,7 +689,7 @@ class Session:
         return []
 
     def _finalize(self, item_id: str, *, interrupted: bool = False) -> list[Effect]:
-        if item_id not in self._index or item_id in self._final:
+        if item_id not in self._messages or item_id in self._final:
             return []
         message = self._message(item_id)
         if message.role == "assistant" and not any(
@@ -654,6 +702,11 @@ class Session:
             message = replace(message, interrupted=True)
         self._put(message)
         self._final.add(item_id)
+        # Nothing is added to a final item: its audio count (truncation is decided
+        # before) and any scratch go.
+        self._received_ms.pop(item_id, None)
+        self._partials.pop(item_id, None)
+        self._final_text.pop(item_id, None)
         return [Emit(MessageFinalized(message))]
 
     def _assistant_final(self, message: RealtimeMessage, interrupted: bool) -> RealtimeMessage:
@@ -676,14 +729,24 @@ class Session:
         )
 
     def _add(self, message: RealtimeMessage) -> None:
-        self._index[message.id] = len(self._messages)
-        self._messages.append(message)
+        self._messages[message.id] = message
+        self._snapshot = None
+        while len(self._messages) > self.max_messages:
+            # The oldest leaves memory (the journal has it once final). One still open
+            # after this many newer messages never gets finished by the server.
+            oldest = next(iter(self._messages))
+            del self._messages[oldest]
+            self._final.discard(oldest)
+            self._received_ms.pop(oldest, None)
+            self._partials.pop(oldest, None)
+            self._final_text.pop(oldest, None)
 
     def _put(self, message: RealtimeMessage) -> None:
-        self._messages[self._index[message.id]] = message
+        self._messages[message.id] = message
+        self._snapshot = None
 
     def _message(self, item_id: str) -> RealtimeMessage:
-        return self._messages[self._index[item_id]]
+        return self._messages[item_id]
 
 
 # One table from event type to handler; events not listed change nothing.

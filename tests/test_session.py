@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 from harkd import events as ev
 from harkd.messages import (
     AudioPart,
@@ -373,3 +375,74 @@ def test_text_only_answer_becomes_a_text_part() -> None:
 def test_tool_call_identity_is_kept() -> None:
     call = ToolCall("c", "n", "{}")
     assert ToolOutcome(call, output={"a": 1}).output_text() == '{"a": 1}'
+
+
+def tool_turn(session: Session, n: int) -> None:
+    """Typed question n, a tool call, its output, then a spoken answer that is heard."""
+    session.send_text(f"what time is it? ({n})")
+    response, item = f"resp_c{n}", f"item_c{n}"
+    session.handle(ev.ResponseCreated(response))
+    session.handle(
+        ev.OutputItemAdded(response, item, "function_call", call_id=f"call_{n}", name="get_time")
+    )
+    call = ev.FunctionCallDone(response, item, f"call_{n}", "get_time", "{}")
+    session.handle(call)
+    effects = session.handle(ev.ResponseDone(response, "completed", function_calls=(call,)))
+    run = next(e for e in effects if isinstance(e, RunTools))
+    session.tool_outputs(response, [ToolOutcome(run.calls[0], output={"time": "12:00"})])
+    answer(session, f"resp_a{n}", f"item_a{n}", 200, f"It is noon ({n}).")
+    session.playback_drained()
+
+
+def test_a_window_of_the_newest_messages_is_kept_and_replayed() -> None:
+    session = Session(max_messages=7)
+    session.connected()
+    for n in range(10):
+        tool_turn(session, n)
+    messages = session.messages
+    assert len(messages) == 7
+    assert [m.text for m in messages if m.role == "assistant" and m.text] == [
+        "It is noon (7).",
+        "It is noon (8).",
+        "It is noon (9).",
+    ]
+    assert messages[-1].id == "item_a9" and not messages[-1].interrupted
+    session.disconnected()
+    session.connected()
+    replay = [c for c in sent(session.replay(3)) if isinstance(c, ev.CreateMessage)]
+    assert [(c.role, c.text) for c in replay] == [
+        ("assistant", "It is noon (8)."),
+        ("user", "what time is it? (9)"),
+        ("assistant", "It is noon (9)."),
+    ]
+
+
+def test_audio_deltas_leave_the_messages_snapshot_alone() -> None:
+    # State is read after every event: it must not copy the conversation each time.
+    session = connected()
+    tool_turn(session, 0)
+    session.handle(ev.ResponseCreated("r"))
+    session.handle(ev.OutputItemAdded("r", "a", "message"))
+    before = session.messages
+    for _ in range(5):
+        session.handle(ev.AudioDelta("r", "a", b"\0" * 20 * MS))
+    assert session.messages is before
+    session.handle(ev.ResponseDone("r", "completed"))
+    session.playback_drained()
+    assert session.messages is not before and session.messages[-1].duration_ms == 100
+
+
+def test_memory_does_not_grow_with_the_conversation() -> None:
+    session = connected()
+    tracemalloc.start()
+    try:
+        for n in range(300):  # more messages than the window holds
+            tool_turn(session, n)
+        start, _ = tracemalloc.get_traced_memory()
+        for n in range(300, 700):
+            tool_turn(session, n)
+        end, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # 400 turns would hold over a megabyte if anything per turn were kept.
+    assert end - start < 50_000
