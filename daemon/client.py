@@ -180,7 +180,8 @@ class RealtimeClient:
 
     @property
     def messages(self) -> tuple[RealtimeMessage, ...]:
-        """The conversation so far, in order."""
+        """The recent conversation, in order: the newest messages (at most
+        `harkd.session.MESSAGE_WINDOW`); the transcript journal keeps the whole history."""
         return self._session.messages
 
     @property
@@ -558,6 +559,8 @@ class RealtimeClient:
             _safely(callback, event)
 
     def _changed(self) -> None:
+        # Runs after every server event: cheap because the session hands out the same
+        # messages tuple until a message changes, so a snapshot copies no history.
         state = self.state
         previous, self._last_state = self._last_state, state
         if state == previous:
