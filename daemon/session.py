@@ -176,6 +176,8 @@ class Session:
         self._response: _Response | None = None
         self._responses: dict[str, _Response] = {}
         self._received_ms: dict[str, float] = {}
+        self._carried: dict[str, float] = {}
+        """Complete items of an earlier connection still playing: ms received of each."""
         self._partials: dict[str, str] = {}
         self._final_text: dict[str, str] = {}
         self._speech_start_ms: dict[str, int] = {}
@@ -226,6 +228,13 @@ class Session:
     def connected(self) -> list[Effect]:
         """A new provider session is ready; forget what belonged to the old one."""
         self._connected = True
+        # An answer of the old connection may still be playing: it ends when it has
+        # been heard (or is cut), not never. Its items are gone from the new session.
+        self._carried.update(
+            (item_id, ms)
+            for item_id, ms in self._received_ms.items()
+            if self._item_complete(item_id)
+        )
         self._response = None
         self._responses.clear()
         self._received_ms.clear()
@@ -351,9 +360,17 @@ class Session:
         self._playing = False
         effects: list[Effect] = []
         for item_id, played_ms in played.items():
+            carried = self._carried.get(item_id)
+            if carried is not None:
+                # An earlier connection's item: nothing left there to cut.
+                if played_ms < carried:
+                    self._mark_interrupted(item_id, int(played_ms))
+                effects += self._finalize(item_id)
+                del self._carried[item_id]
+                continue
             received = self._received_ms.get(item_id)
             if received is None:
-                continue  # an item of an earlier connection: nothing left to cut
+                continue
             heard = int(min(played_ms, received))
             if heard < int(received):
                 # Cut the server's copy at what the user heard; 0 is rejected and
@@ -369,6 +386,9 @@ class Session:
             return []
         self._playing = False
         effects: list[Effect] = []
+        for item_id in list(self._carried):
+            effects += self._finalize(item_id)
+        self._carried.clear()
         for item_id in list(self._received_ms):
             if self._item_complete(item_id):
                 effects += self._finalize(item_id)
@@ -714,7 +734,7 @@ class Session:
         partial = self._partials.pop(item_id, "")
         text = self._final_text.pop(item_id, partial)
         self.pending_assistant_transcript = None
-        received = self._received_ms.get(item_id)
+        received = self._received_ms.get(item_id, self._carried.get(item_id))
         part: AudioPart | TextPart = TextPart(text)
         duration = None
         if received is not None:

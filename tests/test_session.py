@@ -446,3 +446,28 @@ def test_memory_does_not_grow_with_the_conversation() -> None:
         tracemalloc.stop()
     # 400 turns would hold over a megabyte if anything per turn were kept.
     assert end - start < 50_000
+
+
+def finalized(effects: list[Effect]) -> list[object]:
+    return [e.message for e in emitted(effects) if isinstance(e, MessageFinalized)]
+
+
+def test_an_answer_still_playing_across_a_reconnect_is_finalized_when_heard() -> None:
+    session = connected()
+    assert not finalized(answer(session, "resp_1", "item_a1", 1000, "It is noon."))
+    session.disconnected()  # the answer has all arrived; the speaker still plays it
+    session.connected()
+    [message] = finalized(session.playback_drained())
+    assert message.text == "It is noon." and not message.interrupted
+    assert message.parts == (AudioPart("It is noon.", 1000),)
+
+
+def test_an_answer_cut_after_a_reconnect_is_finalized_interrupted_without_a_truncate() -> None:
+    session = connected()
+    answer(session, "resp_1", "item_a1", 1000, "It is noon.")
+    session.disconnected()
+    session.connected()
+    effects = session.playback_stopped({"item_a1": 400})
+    [message] = finalized(effects)
+    assert message.interrupted and message.duration_ms == 400
+    assert sent(effects) == []  # the new session never had that item
