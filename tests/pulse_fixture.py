@@ -175,9 +175,32 @@ class PulseServer:
 
     def load_sink(self) -> None:
         """Bring the sink back."""
-        self._pactl("load-module", "module-null-sink", f"sink_name={SINK}", "rate=48000")
+        self._load_sink_module()
         self._start_keeper()
         self._wait_low_latency(time.monotonic() + 5)
+
+    def load_sink_and_record(self, rate: int = 24000) -> Recording:
+        """Bring the sink back with a recording of it started first (see `record`).
+
+        The recorder is then listening a few tens of ms after the sink appears, before
+        a player retrying every half second is likely to find it.
+        """
+        self._load_sink_module()
+        recording = self.record(rate)
+        self._start_keeper()
+        self._wait_low_latency(time.monotonic() + 5)
+        return recording
+
+    def suspend_sink(self, suspended: bool) -> None:
+        """Suspend the sink (and its monitor) or resume it.
+
+        A suspended source delivers nothing and reports no error: a capture stream on
+        it stops as on a sound card that hangs (a blocking read never returns, even
+        after the resume).
+        """
+        self._pactl("suspend-sink", SINK, "1" if suspended else "0")
+        if not suspended:
+            self._wait_low_latency(time.monotonic() + 5)
 
     def close(self) -> None:
         """Stop the server and remove its directory."""
@@ -189,6 +212,9 @@ class PulseServer:
         else:
             os.environ["PULSE_SERVER"] = self._saved_env
         shutil.rmtree(self.directory, ignore_errors=True)
+
+    def _load_sink_module(self) -> None:
+        self._pactl("load-module", "module-null-sink", f"sink_name={SINK}", "rate=48000")
 
     def _start_keeper(self) -> None:
         # Keeps the null sink at ~10 ms latency (see the module docstring).

@@ -155,3 +155,75 @@ def test_a_new_item_flushes_the_previous_items_tail() -> None:
     play_out(buffer, 100_000, flush=True)
     assert buffer.played_ms("a", 0) == 20
     assert buffer.played_ms("b", 0) == 20
+
+
+def test_rewind_makes_what_a_lost_device_held_unwritten_again() -> None:
+    buffer = PlaybackBuffer(24000, 480)
+    buffer.push("a", audio(100))
+    buffer.push("b", audio(50))
+    play_out(buffer, 10_000)
+    assert not buffer.has_unwritten_audio
+    buffer.rewind(60 * 24)  # the device vanished with its last 60 ms unplayed
+    assert buffer.played(0) == {"a": 90, "b": 0}
+    assert buffer.unplayed_frames(0) == 0
+    assert buffer.has_unwritten_audio and not buffer.has_audio
+    buffer.record_written(60 * 24)  # a new device takes them
+    assert buffer.played(0) == {"a": 100, "b": 50}
+    assert buffer.played(20 * 24) == {"a": 100, "b": 30}
+
+
+def test_rewound_frames_go_before_those_popped_since() -> None:
+    buffer = PlaybackBuffer(24000, 480)
+    buffer.push("a", audio(20))
+    play_out(buffer, 20 * 24)
+    buffer.push("b", audio(20))
+    assert buffer.pop(20 * 24) is not None  # popped, the write failed
+    buffer.rewind(10 * 24)
+    buffer.record_written(10 * 24)
+    assert buffer.played(0) == {"a": 20, "b": 0}
+    buffer.record_written(20 * 24)
+    assert buffer.played(0) == {"a": 20, "b": 20}
+    assert not buffer.has_unwritten_audio
+
+
+def test_rewound_padding_is_no_audio_and_can_be_discarded() -> None:
+    buffer = PlaybackBuffer(24000, 480)
+    buffer.push("a", audio(20))
+    play_out(buffer, 480)
+    buffer.silence(480)
+    buffer.record_written(480)
+    buffer.rewind(10 * 24)  # only padding was still in the device
+    assert not buffer.has_unwritten_audio
+    buffer.discard_unwritten()
+    buffer.push("b", audio(20))
+    play_out(buffer, 480)
+    assert buffer.played(0) == {"a": 20, "b": 20}
+    assert buffer.unplayed_frames(10 * 24) == 10 * 24
+
+
+def test_generation_changes_with_push_and_stop_only() -> None:
+    buffer = PlaybackBuffer(24000, 480)
+    seen = buffer.generation
+    buffer.push("a", audio(20))
+    assert buffer.generation != seen
+    seen = buffer.generation
+    play_out(buffer, 480)
+    buffer.forget_played()
+    assert buffer.generation == seen
+    buffer.stop(0)
+    assert buffer.generation != seen
+
+
+def test_reconfigure_drops_audio_queued_for_the_old_rate() -> None:
+    buffer = PlaybackBuffer(24000, 480)
+    buffer.push("a", audio(100))
+    play_out(buffer, 40 * 24)
+    assert buffer.reconfigure(48000, 960) == {"a": 40}
+    assert (buffer.device_rate, buffer.period_frames) == (48000, 960)
+    assert not buffer.has_audio
+    buffer.push("b", audio(100))
+    written = b""
+    while (chunk := play_out(buffer, 960, flush=not buffer.queued_frames)) != b"":
+        written += chunk
+    assert abs(len(written) // 2 - 4800) <= 2
+    assert buffer.played_ms("b", 0) == 100

@@ -115,6 +115,8 @@ async def test_wav_output_plays_in_real_time_and_drains(tmp_path: Path) -> None:
         done.set()
 
     speaker.on_drained(on_drained)
+    abandoned: list[dict[str, int]] = []
+    speaker.on_abandoned(abandoned.append)  # a file never loses its device
     await speaker.start(Listener())
     started = time.monotonic()
     speaker.play("a", tone(150))
@@ -126,7 +128,7 @@ async def test_wav_output_plays_in_real_time_and_drains(tmp_path: Path) -> None:
     await asyncio.wait_for(done.wait(), 2)
     assert 0.28 < drained[0] - started < 0.45
     assert not speaker.is_playing
-    assert speaker.played_ms("a") == 300
+    assert speaker.played_ms("a") == 300 and abandoned == []
     await speaker.stop()
     with wave.open(str(path), "rb") as wav:
         assert (wav.getframerate(), wav.getnchannels(), wav.getsampwidth()) == (24000, 1, 2)

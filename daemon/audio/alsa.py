@@ -2,10 +2,12 @@
 
 Blocking device I/O never touches the event loop. Each direction owns one thread:
 
-* `AlsaInput` reads periods in blocking mode, stamps each read with
-  `time.monotonic()` and hands frames to the loop with `call_soon_threadsafe` into a
-  bounded queue (the oldest frame is dropped, with a rate-limited warning, when the
-  consumer falls behind).
+* `AlsaInput` opens the PCM non-blocking and waits for each period in `poll`, stamps
+  each read with `time.monotonic()` and hands frames to the loop with
+  `call_soon_threadsafe` into a bounded queue (the oldest frame is dropped, with a
+  rate-limited warning, when the consumer falls behind). A capture that delivers
+  nothing for `STALL_S` has lost its device: a blocking read would wait forever there
+  (a suspended PulseAudio source does that, and stays stuck after it resumes).
 * `AlsaOutput` opens the PCM non-blocking and writes from a `PlaybackBuffer`; it
   sleeps on an Event between writes (woken by `play`, `stop_playback` and `stop`) and
   never holds its lock while sleeping. Every call on the PCM object happens under
@@ -17,18 +19,32 @@ A device that cannot be opened or fails later is reported once per outage throug
 backoff (0.5 s .. 10 s) until it works again (`device_recovered`); the threads never
 die of a device error. Overruns and underruns are recovered in place.
 
+Answer audio is never lost to a short outage of the speaker. What the device held
+unplayed when it vanished goes back in front of the queue (`PlaybackBuffer.rewind`),
+audio that arrives while the device is away is queued as usual, and reopening is then
+tried every 0.5 s. Once the device is back it all plays. Audio that could not start
+playing within `HOLD_S` is dropped and `on_abandoned` callbacks are told what was
+heard of each item, as `stop_playback` would have returned.
+
 Idle playback writes nothing: when the buffer runs dry the thread writes one period
 of silence as the last real audio is about to play out (so a device that underruns
 does so in silence, not on the final sample - some hardware clicks or repeats its
 ring buffer there; a late delta mid-answer costs at most that period of silence),
 then, once the real audio has been heard, drops the stream and re-prepares it. The
 device then sits prepared and stopped until the next answer: no underrun noise, no
-silence written while idle, and no reopening.
+silence written while idle, and no reopening. Every `IDLE_CHECK_S` the idle thread
+probes the device, so a speaker unplugged between answers is noticed then and not
+on the next answer's first write: a kernel device reports it in `avail`, a sound
+server plugin (`pulse`, `pipewire`) only in `snd_pcm_poll_descriptors_revents`.
 
 What a position means: ALSA counts frames still queued as `buffer_size - avail`.
 Through the PulseAudio/PipeWire `pulse` PCM that excludes the sound server's own sink
 latency (pyalsaaudio exposes no `snd_pcm_delay`), so played positions run ahead of
 the ear by that latency (a few ms on a hardware sink; tested within 40 ms).
+
+Threads: each field says who owns it. "Loop" fields are only touched on the event
+loop, "thread" fields only by the device thread, "_lock" fields by either under the
+lock; `PlaybackBuffer` and `threading.Event` are thread-safe themselves.
 """
 
 from __future__ import annotations
@@ -38,6 +54,7 @@ import contextlib
 import errno
 import logging
 import os
+import select
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -58,11 +75,15 @@ PERIODS = 4
 BACKOFF_INITIAL_S = 0.5
 BACKOFF_MAX_S = 10.0
 JOIN_TIMEOUT_S = 2.0
-"""How long `stop` waits for a device thread (a blocked read returns within a period)."""
+"""How long `stop` waits for a device thread (a capture wakes within `STALL_S`)."""
 START_TIMEOUT_S = 5.0
 """How long `start` waits for the first open attempt before returning anyway."""
-IDLE_CHECK_S = 1.0
-"""An idle playback device is checked this often (a vanished USB card shows up here)."""
+IDLE_CHECK_S = 0.5
+"""An idle playback device is probed this often (a vanished USB card shows up here)."""
+STALL_S = 1.0
+"""A capture device that delivers no audio for this long has failed."""
+HOLD_S = 5.0
+"""Answer audio waits this long for a lost speaker to come back, then is abandoned."""
 WARN_INTERVAL_S = 5.0
 
 
@@ -93,11 +114,15 @@ class _Edge(ABC):
 
     def __init__(self, device: str) -> None:
         self.name = device
+        # Set on the loop before the thread starts (Thread.start publishes them), then
+        # only read by the thread.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listener: DeviceListener | None = None
         self._stopping = threading.Event()
+        # Loop: the device thread and the future `start` waits on (settled via the loop).
         self._thread: threading.Thread | None = None
         self._first_attempt: asyncio.Future[None] | None = None
+        # Thread: an outage is being reported (device_failed sent, recovered not yet).
         self._failed = False
 
     async def _start_thread(self, listener: DeviceListener, kind: str) -> None:
@@ -198,8 +223,10 @@ class AlsaInput(_Edge):
         self.channel = channel
         self._frame_bytes = max(1, rate * period_ms // 1000) * 2
         self._max_queued = max_queued_frames
+        # Loop: frames reach it only through _put, called on the loop.
         self._queue: asyncio.Queue[AudioFrame | None] | None = None
         self._warn_dropped = _Throttled(f"{device}: capture consumer too slow, dropped a frame")
+        # Thread:
         self._warn_overrun = _Throttled(f"{device}: capture overrun, recovered")
 
     async def start(self, listener: DeviceListener) -> None:
@@ -243,23 +270,26 @@ class AlsaInput(_Edge):
                 self._attempted()
                 delay = self._backoff(delay)
                 continue
-            self._report_working()
             self._attempted()
-            delay = BACKOFF_INITIAL_S
+            failure = None
             try:
                 self._capture(pcm, channels, rate)
             except (alsaaudio.ALSAAudioError, DeviceError) as exc:
-                self._report_failure(str(exc))
-                self._backoff(BACKOFF_INITIAL_S)
+                failure = str(exc)
             finally:
                 pcm.close()
+            if failure is not None:
+                if not self._failed:
+                    delay = BACKOFF_INITIAL_S  # it worked until now: a new outage
+                self._report_failure(failure)
+                delay = self._backoff(delay)
 
     def _open(self) -> tuple[alsaaudio.PCM, int, int]:
         period = max(1, self.sample_rate * self.period_ms // 1000)
         wanted = 1 if self.channel == 0 else self.channel + 1
 
         def open_with(channels: int) -> alsaaudio.PCM:
-            return _open_pcm(alsaaudio.PCM_CAPTURE, alsaaudio.PCM_NORMAL, self, channels, period)
+            return _open_pcm(alsaaudio.PCM_CAPTURE, alsaaudio.PCM_NONBLOCK, self, channels, period)
 
         try:
             pcm = open_with(wanted)
@@ -285,25 +315,39 @@ class AlsaInput(_Edge):
         return pcm, channels, rate
 
     def _capture(self, pcm: alsaaudio.PCM, channels: int, rate: int) -> None:
+        """Move periods to the loop until stopped; raises once the device fails or stalls.
+
+        The device counts as working (again) once it delivered audio, not when it
+        opened: a stalled source opens fine and then stays silent.
+        """
         resampler = None
         if rate != self.sample_rate:
             # Low quality keeps soxr's look-ahead (added latency) to a few ms.
             resampler = StreamResampler(rate, self.sample_rate, quality="LQ")
+        poller = select.poll()
+        for fd, events in pcm.polldescriptors():
+            poller.register(fd, events)
         pending = bytearray()
-        empty_reads = 0
+        last_audio = time.monotonic()
         while not self._stopping.is_set():
+            silent_s = time.monotonic() - last_audio
+            if silent_s >= STALL_S:
+                raise DeviceError(f"no audio for {silent_s:.1f} s [{self.name}]")
+            # Normally a period is ready within period_ms; the timeout only runs out
+            # on a device that stopped delivering, so this costs no extra wake-ups.
+            if not poller.poll((STALL_S - silent_s) * 1000):
+                continue
             frames, data = pcm.read()
             captured_at = time.monotonic()
             if frames < 0:
                 self._warn_overrun()  # pyalsaaudio already re-prepared the stream
                 continue
             if frames == 0:
-                empty_reads += 1
-                if empty_reads > 100:
-                    raise DeviceError("the device returns no audio")
+                # Woken without a whole period (a plugin's poll can do that): do not spin.
                 self._stopping.wait(self.period_ms / 2000)
                 continue
-            empty_reads = 0
+            last_audio = captured_at
+            self._report_working()
             if channels > 1:
                 usable = len(data) - len(data) % (2 * channels)
                 samples = np.frombuffer(data[:usable], dtype="<i2").reshape(-1, channels)
@@ -332,23 +376,28 @@ class AlsaOutput(_Edge):
         super().__init__(device)
         self.sample_rate = rate
         self.period_ms = period_ms
+        # Thread-safe by its own lock; never replaced (`reconfigure` on a rate change).
         self._buffer = PlaybackBuffer(rate, max(1, rate * period_ms // 1000), volume)
-        self._meter = LevelMeter(rate)
-        self._lock = threading.Lock()  # every call on the PCM object
         self._wake_event = threading.Event()
-        self._drained_callbacks: list[Callable[[], None]] = []
-        # Guarded by _lock:
-        self._pcm: alsaaudio.PCM | None = None
+        self._lock = threading.Lock()  # every call on the PCM object, and the fields below
+        # _lock:
+        self._pcm: alsaaudio.PCM | None = None  # None while the device is lost
+        self._meter = LevelMeter(rate)  # fed by the thread; replaced on a rate change
         self._buffer_size = 0
         self._period = 0
         self._channels = 1
         self._running = False  # audio written since the stream was last prepared
         self._padded = False  # the silence tail is in the device
-        self._remainder = b""  # popped device bytes the device has not accepted yet
-        # Loop-thread state:
+        self._remainder = b""  # popped mono audio the device has not accepted yet
+        self._recent = b""  # the last buffer_size frames written (mono): what a loss rewinds
+        self._in_device = 0  # frames in the device at the last measure, plus writes since
+        # Thread:
+        self._poller: select.poll | None = None  # the open PCM's descriptors (idle probe)
+        self._held_since: float | None = None  # audio waits for a lost device since then
+        # Loop:
         self._playing = False
-        self._pushes = 0
-        self._ready = False  # the device is open; audio played while it is not is dropped
+        self._drained_callbacks: list[Callable[[], None]] = []
+        self._abandoned_callbacks: list[Callable[[dict[str, int]], None]] = []
 
     async def start(self, listener: DeviceListener) -> None:
         """Start the playback thread; returns once the device opened or failed once."""
@@ -362,13 +411,12 @@ class AlsaOutput(_Edge):
     def play(self, item_id: str, pcm: bytes) -> None:
         """Queue 24 kHz PCM16 audio of one item; never blocks.
 
-        While the device is failing the audio is dropped (it could not be heard, and
-        playing it late after a recovery would be worse).
+        While the device is lost the audio waits for it (see `on_abandoned`). Before
+        `start` and after `stop` it is dropped: no thread would ever play it.
         """
-        if not self._ready:
+        if self._thread is None:
             return
         self._buffer.push(item_id, pcm)
-        self._pushes += 1
         self._playing = True
         self._wake_event.set()
 
@@ -380,8 +428,7 @@ class AlsaOutput(_Edge):
         thread right away, ready for the next answer without reopening.
         """
         with self._lock:
-            queued = self._queued_frames()
-            played = self._buffer.stop(queued)
+            played = self._buffer.stop(self._queued_frames())
             if self._pcm is not None and self._running:
                 try:
                     self._pcm.drop()
@@ -390,20 +437,20 @@ class AlsaOutput(_Edge):
             self._running = False
             self._padded = False
             self._remainder = b""
+            self._recent = b""
+            self._in_device = 0
         self._playing = False
-        self._pushes += 1  # a drain already on its way to the loop is stale now
         self._wake_event.set()
         return played
 
     def played_ms(self, item_id: str) -> int:
         """Milliseconds of the item's audio that have left the speaker so far."""
         with self._lock:
-            queued = self._queued_frames()
-            return self._buffer.played_ms(item_id, queued)
+            return self._buffer.played_ms(item_id, self._queued_frames())
 
     @property
     def is_playing(self) -> bool:
-        """True from `play` until the audio has been heard (or dropped)."""
+        """True from `play` until the audio has been heard, dropped or abandoned."""
         return self._playing
 
     def set_volume(self, volume: int) -> None:
@@ -414,9 +461,21 @@ class AlsaOutput(_Edge):
         """Call `callback` on the loop whenever all played audio has been heard."""
         self._drained_callbacks.append(callback)
 
+    def on_abandoned(self, callback: Callable[[dict[str, int]], None]) -> None:
+        """Call `callback(played)` on the loop when audio was dropped for a lost device.
+
+        That happens when queued audio could not start playing within `HOLD_S` because
+        the device was lost (or, rarely, came back at another rate). `played` maps each
+        item in the ledger to its milliseconds really heard, like `stop_playback`'s
+        result; `is_playing` is False by then unless audio arrived after the drop.
+        """
+        self._abandoned_callbacks.append(callback)
+
     def meter(self) -> MeterReading:
         """Level and spectrum of the audio being written to the device."""
-        return self._meter.reading()
+        with self._lock:
+            meter = self._meter
+        return meter.reading()
 
     def _wake(self) -> None:
         self._wake_event.set()
@@ -430,9 +489,9 @@ class AlsaOutput(_Edge):
             return 0
         return max(0, self._buffer_size - avail)
 
-    def _drained(self, pushes: int) -> None:
-        """On the loop: the device played everything up to push number `pushes`."""
-        if pushes != self._pushes or not self._playing:
+    def _drained(self, generation: int) -> None:
+        """On the loop: the device played everything up to buffer generation `generation`."""
+        if generation != self._buffer.generation or not self._playing:
             return  # new audio arrived meanwhile, or stop_playback already answered
         self._playing = False
         for callback in list(self._drained_callbacks):
@@ -441,13 +500,28 @@ class AlsaOutput(_Edge):
             except Exception:
                 log.exception("%s: on_drained callback failed", self.name)
 
-    def _set_ready(self, ready: bool) -> None:
-        self._ready = ready
+    def _abandon_held(self) -> None:
+        """On the loop: held audio waited `HOLD_S` for the lost device; drop it."""
+        with self._lock:
+            if self._pcm is not None:
+                return  # the device came back meanwhile: the audio is playing
+            played = self._buffer.stop(0)
+            self._remainder = b""
+        self._wake_event.set()  # the thread restarts its hold clock for newer audio
+        self._abandoned(played)
 
-    def _lost(self, pushes: int) -> None:
-        """On the loop: the device failed; what was queued will never be heard."""
-        self._ready = False
-        self._drained(pushes)
+    def _abandoned(self, played: dict[str, int]) -> None:
+        """On the loop: audio was dropped unheard; tell the `on_abandoned` callbacks."""
+        if not played:
+            return  # stop_playback dropped it first and has answered already
+        log.warning("%s: dropped answer audio the lost device could not play", self.name)
+        if not self._buffer.has_audio:
+            self._playing = False
+        for callback in list(self._abandoned_callbacks):
+            try:
+                callback(played)
+            except Exception:
+                log.exception("%s: on_abandoned callback failed", self.name)
 
     def _thread_main(self) -> None:
         delay = BACKOFF_INITIAL_S
@@ -457,29 +531,22 @@ class AlsaOutput(_Edge):
             except alsaaudio.ALSAAudioError as exc:
                 self._report_failure(str(exc))
                 self._attempted()
-                delay = self._backoff(delay)
+                delay = self._wait_for_retry(delay)
                 continue
-            self._call_soon(self._set_ready, True)
             self._report_working()
             self._attempted()
             delay = BACKOFF_INITIAL_S
+            self._held_since = None
+            failure = None
             try:
-                self._write_loop()
+                self._write_loop(pcm)
             except (alsaaudio.ALSAAudioError, DeviceError) as exc:
-                self._report_failure(str(exc))
-                with self._lock:
-                    self._buffer.stop(0)
-                    self._running = False
-                    self._remainder = b""
-                self._call_soon(self._lost, self._pushes)
-                self._backoff(BACKOFF_INITIAL_S)
+                failure = str(exc)
             finally:
-                with self._lock:
-                    self._pcm = None
-                    with contextlib.suppress(alsaaudio.ALSAAudioError):
-                        pcm.drop()  # close() drains a playback PCM: drop first
-                    pcm.close()
-        self._call_soon(self._set_ready, False)
+                self._close(pcm, lost=failure is not None)
+            if failure is not None:
+                self._report_failure(failure)
+                self._wait_for_retry(BACKOFF_INITIAL_S)
 
     def _open(self) -> alsaaudio.PCM:
         period = max(1, self.sample_rate * self.period_ms // 1000)
@@ -497,6 +564,10 @@ class AlsaOutput(_Edge):
             pcm.close()
             raise alsaaudio.ALSAAudioError(problem)
         rate = int(info["rate"])
+        self._poller = select.poll()
+        for fd, events in pcm.polldescriptors():
+            self._poller.register(fd, events)
+        dropped: dict[str, int] = {}
         with self._lock:
             self._pcm = pcm
             self._channels = int(info["channels"])
@@ -504,10 +575,13 @@ class AlsaOutput(_Edge):
             self._buffer_size = int(info["buffer_size"])
             self._running = False
             self._padded = False
-            self._remainder = b""
+            self._in_device = 0
             if rate != self._buffer.device_rate or self._period != self._buffer.period_frames:
-                self._buffer = PlaybackBuffer(rate, self._period, self._buffer.volume)
+                dropped = self._buffer.reconfigure(rate, self._period)
+                self._remainder = b""
                 self._meter = LevelMeter(rate)
+        if dropped:
+            self._call_soon(self._abandoned, dropped)
         log.info(
             "audio output %s: %d Hz, %d channel(s), period %d frames, buffer %d frames",
             self.name,
@@ -518,31 +592,88 @@ class AlsaOutput(_Edge):
         )
         return pcm
 
-    def _write_loop(self) -> None:
+    def _close(self, pcm: alsaaudio.PCM, *, lost: bool) -> None:
+        """Release the PCM; after a failure keep what it never played for the next one."""
+        drained = False
+        with self._lock:
+            self._pcm = None
+            if lost:
+                # Not `_running`: a lost stream looks like an underrun on its way out.
+                unheard = min(self._in_device, len(self._recent) // 2)
+                self._buffer.rewind(unheard)
+                self._remainder = self._recent[len(self._recent) - 2 * unheard :] + self._remainder
+                if not self._buffer.has_unwritten_audio:
+                    # Every real frame was heard; only padding went with the device.
+                    self._buffer.discard_unwritten()
+                    self._remainder = b""
+                    self._buffer.forget_played()
+                    drained = True
+            generation = self._buffer.generation
+            self._running = False
+            self._padded = False
+            self._recent = b""
+            self._in_device = 0
+            with contextlib.suppress(alsaaudio.ALSAAudioError):
+                pcm.drop()  # close() drains a playback PCM: drop first
+            pcm.close()
+        self._poller = None
+        if drained:
+            self._call_soon(self._drained, generation)
+
+    def _wait_for_retry(self, delay: float) -> float:
+        """Wait before reopening the lost device; returns the next backoff delay.
+
+        While answer audio waits, reopening is tried every `BACKOFF_INITIAL_S`, and
+        audio that waited `HOLD_S` is handed to the loop to be abandoned.
+        """
+        started = time.monotonic()
+        while not self._stopping.is_set():
+            now = time.monotonic()
+            waiting = self._buffer.has_unwritten_audio
+            if not waiting:
+                self._held_since = None
+            elif self._held_since is None:
+                self._held_since = now
+            retry_at = started + (min(delay, BACKOFF_INITIAL_S) if waiting else delay)
+            wake_at = retry_at
+            if self._held_since is not None:
+                expires = self._held_since + HOLD_S
+                if now >= expires:
+                    self._held_since = None  # the loop drops it, then wakes us
+                    self._call_soon(self._abandon_held)
+                else:
+                    wake_at = min(wake_at, expires)
+            if now >= retry_at:
+                break
+            self._wake_event.wait(wake_at - now)
+            self._wake_event.clear()
+        return min(delay * 2, BACKOFF_MAX_S)
+
+    def _write_loop(self, pcm: alsaaudio.PCM) -> None:
         while not self._stopping.is_set():
             self._wake_event.clear()
             with self._lock:
                 # Snapshot first: a push after it makes this round's drain stale.
-                pushes = self._pushes
-                timeout, drained = self._service()
+                generation = self._buffer.generation
+                timeout, drained = self._service(pcm)
             if drained:
-                self._call_soon(self._drained, pushes)
+                self._call_soon(self._drained, generation)
             self._wake_event.wait(timeout)
 
-    def _service(self) -> tuple[float, bool]:
+    def _service(self, pcm: alsaaudio.PCM) -> tuple[float, bool]:
         """One round of the writer (lock held): write what fits, detect the drain.
 
         Returns how long to sleep and whether the real audio has all been heard.
         """
-        pcm = self._pcm
-        assert pcm is not None
         rate = self._buffer.device_rate
         period_s = self._period / rate
         avail = self._avail(pcm)
         queued = self._buffer_size - avail
+        self._in_device = queued if self._running else 0
         unplayed = self._buffer.unplayed_frames(queued)
         starving = unplayed <= self._period
         if avail > 0:
+            fresh = not self._remainder
             data = self._remainder or self._buffer.pop(avail, flush=starving)
             if data is None and self._running and starving and not self._padded:
                 # The answer (or a late delta) ends here: underrun in silence, not on audio.
@@ -552,7 +683,7 @@ class AlsaOutput(_Edge):
                 return period_s / 2, False
             if data:
                 self._padded = False
-                written = self._write(pcm, data, meter=not self._remainder)
+                written = self._write(pcm, data, meter=fresh)
                 if written:
                     avail -= written
                     unplayed += written
@@ -568,10 +699,21 @@ class AlsaOutput(_Edge):
             # Everything real was heard; only silence (if anything) remains: stop cleanly.
             self._running = False
             self._padded = False
+            self._in_device = 0
             self._rearm(pcm)
             self._buffer.forget_played()
             return IDLE_CHECK_S, True
+        self._probe(pcm)
         return IDLE_CHECK_S, False
+
+    def _probe(self, pcm: alsaaudio.PCM) -> None:
+        """Idle: let a sound server plugin report a lost stream (it raises here).
+
+        Costs a zero-timeout poll; `_avail` already covers kernel devices.
+        """
+        assert self._poller is not None
+        ready = dict(self._poller.poll(0))
+        pcm.polldescriptors_revents([(fd, ready.get(fd, 0)) for fd, _ in pcm.polldescriptors()])
 
     def _avail(self, pcm: alsaaudio.PCM) -> int:
         """Room in the device buffer, recovering xruns and dropped streams in place."""
@@ -600,13 +742,10 @@ class AlsaOutput(_Edge):
 
     def _write(self, pcm: alsaaudio.PCM, data: bytes, *, meter: bool) -> int:
         """Write mono device-rate audio; returns the frames the device accepted."""
-        if self._remainder is data:
-            device_bytes = data
-        else:
-            device_bytes = _to_channels(data, self._channels)
-            if meter:
-                self._meter.feed(data)
-        frame_bytes = 2 * self._channels
+        if meter:
+            self._meter.feed(data)
+        self._remainder = data  # still ours if the write raises: a new device gets it
+        device_bytes = _to_channels(data, self._channels)
         result = pcm.write(device_bytes)
         if result == -errno.EPIPE:
             result = pcm.write(device_bytes)  # the underrun was recovered: write again
@@ -614,7 +753,9 @@ class AlsaOutput(_Edge):
         if written:
             self._running = True
             self._buffer.record_written(written)
-        self._remainder = device_bytes[written * frame_bytes :]
+            self._in_device += written
+            self._recent = (self._recent + data[: 2 * written])[-2 * self._buffer_size :]
+        self._remainder = data[2 * written :]
         return written
 
 

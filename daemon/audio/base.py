@@ -107,5 +107,15 @@ class AudioOutput(Protocol):
     def on_drained(self, callback: Callable[[], None]) -> None:
         """Call `callback` on the event loop whenever queued audio has all been played."""
 
+    def on_abandoned(self, callback: Callable[[dict[str, int]], None]) -> None:
+        """Call `callback(played)` on the loop when audio was dropped for a lost device.
+
+        That is: queued audio was dropped because the device could not play it in time;
+        `played` is the milliseconds of each dropped item that were really heard (the
+        shape of `stop_playback`'s result). Either `on_drained` or this ends what `play`
+        queued: audio waiting for a lost device is played once the device is back, or
+        abandoned after a few seconds. Outputs that cannot lose their device never call it.
+        """
+
     def meter(self) -> MeterReading:
         """Level and spectrum of what is being played right now."""

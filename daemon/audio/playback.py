@@ -13,6 +13,11 @@ item's 24 kHz audio (48 bytes per ms), never more than the item's received audio
 That number is what a barge-in truncates the assistant item at.
 
 All methods are thread-safe: the event loop pushes and asks, a device thread pops.
+Every mutable field is guarded by the buffer's one lock; nothing else is shared.
+
+A device that vanishes loses what it held: `rewind` turns the frames it never played
+back into popped-but-unwritten frames, so the ledger stays truthful and the caller
+can write them again once a device is back.
 """
 
 from __future__ import annotations
@@ -58,11 +63,13 @@ class PlaybackBuffer:
         source_rate: int = PROVIDER_RATE,
         quality: Quality = "LQ",
     ) -> None:
-        self.device_rate = device_rate
-        self.period_frames = period_frames
-        self.source_rate = source_rate
-        self._quality: Quality = quality
+        self.source_rate = source_rate  # immutable
+        self._quality: Quality = quality  # immutable
         self._lock = threading.Lock()
+        # Everything below is guarded by _lock.
+        self._device_rate = device_rate
+        self._period_frames = period_frames
+        self._generation = 0  # bumped by push, stop and clear
         self._volume = max(0, min(100, volume))
         self._gain = volume_gain(self._volume)
         # Audio waiting to be popped, at the device rate, before gain.
@@ -84,9 +91,45 @@ class PlaybackBuffer:
         self._base: dict[str, int] = {}
 
     @property
+    def device_rate(self) -> int:
+        """The rate of the audio handed to the device."""
+        with self._lock:
+            return self._device_rate
+
+    @property
+    def period_frames(self) -> int:
+        """The device period the buffer was configured for."""
+        with self._lock:
+            return self._period_frames
+
+    @property
     def volume(self) -> int:
         """The current volume, 0..100."""
-        return self._volume
+        with self._lock:
+            return self._volume
+
+    @property
+    def generation(self) -> int:
+        """A counter bumped by every `push`, `stop` and `clear`.
+
+        A device thread that saw the buffer run dry tells the loop the generation it
+        saw; if it changed since, new audio (or a stop) made that observation stale.
+        """
+        with self._lock:
+            return self._generation
+
+    def reconfigure(self, device_rate: int, period_frames: int) -> dict[str, int]:
+        """Switch to another device rate (a different device came back).
+
+        Audio queued at the old rate cannot be written to the new device: it is dropped
+        and, like `stop`, the milliseconds each item had played are returned.
+        """
+        with self._lock:
+            played = self._stop(0)
+            self._device_rate = device_rate
+            self._period_frames = period_frames
+            self._resampler = StreamResampler(self.source_rate, device_rate, self._quality)
+            return played
 
     def set_volume(self, volume: int) -> None:
         """Change the software volume; applies to audio popped from now on."""
@@ -97,6 +140,7 @@ class PlaybackBuffer:
     def push(self, item_id: str, pcm: bytes) -> None:
         """Queue PCM16 mono audio of `item_id` at the source (24 kHz) rate."""
         with self._lock:
+            self._generation += 1
             if item_id != self._item:
                 self._flush_resampler()
                 self._item = item_id
@@ -191,6 +235,15 @@ class PlaybackBuffer:
             return bool(self._queue) or self._held
 
     @property
+    def has_unwritten_audio(self) -> bool:
+        """True while item audio (not padding) waits to be written to a device.
+
+        That is `has_audio`, or audio popped (or rewound) and not yet recorded written.
+        """
+        with self._lock:
+            return bool(self._queue) or self._held or any(s.item is not None for s in self._popped)
+
+    @property
     def queued_frames(self) -> int:
         """Frames waiting in the buffer (not counting the resampler's look-ahead)."""
         with self._lock:
@@ -199,11 +252,49 @@ class PlaybackBuffer:
     def stop(self, frames_still_in_device: int) -> dict[str, int]:
         """Barge-in: what each item played up to now, then drop everything queued."""
         with self._lock:
-            position = self._position(frames_still_in_device)
-            result = {item: self._played_ms(item, position) for item in self._received}
-            self._remember(result)
-            self._reset()
-            return result
+            return self._stop(frames_still_in_device)
+
+    def rewind(self, frames: int) -> None:
+        """The device vanished with its last `frames` written frames unplayed.
+
+        They become popped-but-unwritten again, in front of anything popped since, so
+        the caller writes their bytes (which it kept) first once a device is back;
+        played positions stop counting them as heard.
+        """
+        with self._lock:
+            start = max(0, self._written - frames)
+            if start == self._written:
+                return
+            # The item (or padding) of each rewound frame, in device order.
+            pieces = sorted(
+                (max(s, start), e, item)
+                for item, spans in self._spans.items()
+                for s, e in spans
+                if e > start
+            )
+            segments: deque[_Segment] = deque()
+            cursor = start
+            for begin, end, item in pieces:
+                if begin > cursor:
+                    _append_segment(segments, None, begin - cursor)
+                _append_segment(segments, item, end - begin)
+                cursor = end
+            if cursor < self._written:
+                _append_segment(segments, None, self._written - cursor)
+            for item, spans in self._spans.items():
+                self._spans[item] = [(s, min(e, start)) for s, e in spans if s < start]
+            if self._real_end > start:
+                ends = [spans[-1][1] for spans in self._spans.values() if spans]
+                self._real_end = max(ends, default=0)
+            self._written = start
+            for segment in self._popped:
+                _append_segment(segments, segment.item, segment.frames)
+            self._popped = segments
+
+    def discard_unwritten(self) -> None:
+        """Forget what was popped and not written (padding the caller will not write)."""
+        with self._lock:
+            self._popped.clear()
 
     def forget_played(self) -> None:
         """The device played everything written: retire items from the ledger.
@@ -229,6 +320,13 @@ class PlaybackBuffer:
         with self._lock:
             self._reset()
 
+    def _stop(self, frames_still_in_device: int) -> dict[str, int]:
+        position = self._position(frames_still_in_device)
+        result = {item: self._played_ms(item, position) for item in self._received}
+        self._remember(result)
+        self._reset()
+        return result
+
     def _enqueue(self, item_id: str, pcm: bytes) -> None:
         if pcm:
             self._queue.append((item_id, pcm))
@@ -240,10 +338,7 @@ class PlaybackBuffer:
         self._held = False
 
     def _note_popped(self, item: str | None, frames: int) -> None:
-        if self._popped and self._popped[-1].item == item:
-            self._popped[-1].frames += frames
-        else:
-            self._popped.append(_Segment(item, frames))
+        _append_segment(self._popped, item, frames)
 
     def _position(self, frames_still_in_device: int) -> int:
         return self._written - max(0, min(frames_still_in_device, self._written))
@@ -251,7 +346,7 @@ class PlaybackBuffer:
     def _played_ms(self, item_id: str, position: int) -> int:
         spans = self._spans.get(item_id, ())
         frames = sum(max(0, min(end, position) - start) for start, end in spans)
-        played = frames * 1000 // self.device_rate
+        played = frames * 1000 // self._device_rate
         received = self._received.get(item_id, 0) * 1000 // (2 * self.source_rate)
         return self._base.get(item_id, 0) + min(played, received)
 
@@ -263,6 +358,7 @@ class PlaybackBuffer:
             self._final.popitem(last=False)
 
     def _reset(self) -> None:
+        self._generation += 1
         self._queue.clear()
         self._queued_bytes = 0
         self._popped.clear()
@@ -274,6 +370,13 @@ class PlaybackBuffer:
         self._item = None
         self._written = 0
         self._real_end = 0
+
+
+def _append_segment(segments: deque[_Segment], item: str | None, frames: int) -> None:
+    if segments and segments[-1].item == item:
+        segments[-1].frames += frames
+    else:
+        segments.append(_Segment(item, frames))
 
 
 def _apply_gain(pcm: bytes, gain: float) -> bytes:

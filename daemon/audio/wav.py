@@ -116,6 +116,7 @@ class _PacedOutput:
         self._buffer = PlaybackBuffer(rate, self._period_frames, volume)
         self._meter = LevelMeter(rate)
         self._drained_callbacks: list[Callable[[], None]] = []
+        self._abandoned_callbacks: list[Callable[[dict[str, int]], None]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._playing = False
@@ -174,6 +175,10 @@ class _PacedOutput:
     def on_drained(self, callback: Callable[[], None]) -> None:
         """Call `callback` (on the loop) whenever all queued audio has been heard."""
         self._drained_callbacks.append(callback)
+
+    def on_abandoned(self, callback: Callable[[dict[str, int]], None]) -> None:
+        """Keep `callback`; never called, since a file or the null sink cannot be lost."""
+        self._abandoned_callbacks.append(callback)
 
     def meter(self) -> MeterReading:
         """Level and spectrum of what is being heard now."""
