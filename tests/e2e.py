@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from harkd.adapters.base import RealtimeAdapter, RealtimeConnection
 from harkd.adapters.openai import openai_realtime
+from harkd.audio.base import AudioFrame
+from harkd.audio.wav import WavInput
 from harkd.client import RealtimeClient, ReconnectPolicy
-from harkd.messages import RealtimeStatus
+from harkd.events import AppendAudio, Command, ServerEvent, SessionSettings, Unknown
+from harkd.messages import RealtimeStatus, RealtimeToken
 from harkd.testing import FakeRealtimeServer, validate_client_event
 from harkd.tokens import static_token
 
@@ -26,8 +32,9 @@ def fake_client(server: FakeRealtimeServer, key: str, **options: Any) -> Realtim
     return RealtimeClient(**{**defaults, **options})
 
 
-async def until(predicate: Callable[[], bool], timeout_s: float = 5.0, what: str = "") -> None:
-    """Wait for a condition the test can observe (polls; tests only)."""
+async def until(predicate: Callable[[], bool], timeout_s: float = 20.0, what: str = "") -> None:
+    """Wait for a condition the test can observe (polls; tests only). The deadline only
+    says when to give up: generous, so a loaded machine is not a failure."""
     deadline = time.monotonic() + timeout_s
     while not predicate():
         if time.monotonic() > deadline:
@@ -66,3 +73,125 @@ class Running:
         assert self.task is not None
         self.task.cancel()
         await asyncio.gather(self.task, return_exceptions=True)
+
+
+# --------------------------------------------------------------------------- timelines
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One thing a client did: `kind` is "frame" (the microphone delivered a period),
+    "append" (audio went to the connection, its length in `detail`), "command" (another
+    command, its class name in `detail`), "event" (a server event was handled, the event
+    in `detail`) or whatever a test adds (e.g. "mode")."""
+
+    kind: str
+    at: float
+    detail: Any = None
+
+
+class Timeline(list[Entry]):
+    """What one client did, in the order it did it. Everything is noted on the client's
+    own event loop, so the order is exact whatever the machine's speed: tests assert on
+    it (and on counts) rather than on time windows."""
+
+    def add(self, kind: str, detail: Any = None) -> None:
+        self.append(Entry(kind, time.monotonic(), detail))
+
+    def index_of(self, kind: str, detail: Any = None, start: int = 0) -> int:
+        """Index of the first `kind` entry (with `detail`, when given) from `start` on."""
+        for i in range(start, len(self)):
+            if self[i].kind == kind and (detail is None or self[i].detail == detail):
+                return i
+        raise ValueError(f"no {kind} {detail or ''} from {start}: {self.kinds()}")
+
+    def tally(self, kind: str, start: int = 0, end: int | None = None) -> int:
+        """How many `kind` entries in [start, end)."""
+        return sum(1 for e in self[start:end] if e.kind == kind)
+
+    def kinds(self) -> list[str]:
+        return [e.kind for e in self]
+
+
+SENTINEL = {"type": "harkd_test.sentinel"}
+"""A server event no client knows (logged and ignored): sent after others, its turn on
+a timeline shows the client has handled everything sent before it."""
+
+
+def handled_sentinel(timeline: Timeline) -> bool:
+    return any(
+        e.kind == "event" and isinstance(e.detail, Unknown) and e.detail.type == SENTINEL["type"]
+        for e in timeline
+    )
+
+
+class _LoggedConnection:
+    def __init__(self, inner: RealtimeConnection, timeline: Timeline) -> None:
+        self._inner = inner
+        self._timeline = timeline
+
+    def send(self, command: Command) -> None:
+        if isinstance(command, AppendAudio):
+            self._timeline.add("append", len(command.pcm))
+        else:
+            self._timeline.add("command", type(command).__name__)
+        self._inner.send(command)
+
+    async def send_audio(self, pcm: bytes) -> None:
+        self._timeline.add("append", len(pcm))
+        await self._inner.send_audio(pcm)
+
+    def update_session(self, settings: SessionSettings) -> None:
+        self._inner.update_session(settings)
+
+    async def serve(self, on_event: Callable[[ServerEvent], None]) -> None:
+        def handled(event: ServerEvent) -> None:
+            on_event(event)
+            self._timeline.add("event", event)
+
+        await self._inner.serve(handled)
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+class LoggedAdapter:
+    """A provider adapter that notes on `timeline` the audio the client sends and the
+    server events it has handled (after handling them)."""
+
+    def __init__(self, inner: RealtimeAdapter, timeline: Timeline) -> None:
+        self._inner = inner
+        self._timeline = timeline
+        self.name = inner.name
+
+    async def connect(self, token: RealtimeToken, settings: SessionSettings) -> RealtimeConnection:
+        return _LoggedConnection(await self._inner.connect(token, settings), self._timeline)
+
+
+class LoggedInput(WavInput):
+    """A paced WAV microphone that notes each period it delivers on `timeline`. The
+    client handles a period before it asks for the next, so a "frame" entry is followed
+    by what that period caused (an "append" or nothing). With `on`, it delivers nothing
+    until that event is set."""
+
+    def __init__(self, path: Path, timeline: Timeline, on: asyncio.Event | None = None) -> None:
+        super().__init__(path)
+        self._timeline = timeline
+        self._on = on
+
+    async def frames(self) -> AsyncIterator[AudioFrame]:
+        if self._on is not None:
+            # Switched on late (e.g. once connected): the file plays from its start
+            # then, however long connecting took.
+            await self._on.wait()
+        async for frame in super().frames():
+            self._timeline.add("frame")
+            yield frame
+
+
+def logged_client(
+    server: FakeRealtimeServer, key: str, timeline: Timeline, **options: Any
+) -> RealtimeClient:
+    """`fake_client` whose connection notes on `timeline` (see `LoggedAdapter`)."""
+    adapter = LoggedAdapter(openai_realtime(url=server.url), timeline)
+    return fake_client(server, key, adapter=adapter, **options)

@@ -162,7 +162,7 @@ class Harkd:
     def running(self) -> bool:
         return self.proc is not None and self.proc.returncode is None
 
-    async def wait_log(self, pattern: str, timeout_s: float = 10.0, *, after: int = 0) -> str:
+    async def wait_log(self, pattern: str, timeout_s: float = 20.0, *, after: int = 0) -> str:
         """The first output line from index `after` on matching regex `pattern`."""
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout_s
@@ -180,7 +180,7 @@ class Harkd:
         assert self.proc is not None
         self.proc.send_signal(sig)
 
-    async def wait(self, timeout_s: float = 10.0) -> int:
+    async def wait(self, timeout_s: float = 20.0) -> int:
         """The exit code (and all output read)."""
         assert self.proc is not None
         code = await asyncio.wait_for(self.proc.wait(), timeout_s)
@@ -189,8 +189,9 @@ class Harkd:
         await asyncio.gather(*self._readers)
         return code
 
-    async def stop(self, timeout_s: float = 5.0) -> int:
-        """SIGTERM, then the exit code (fails the test when it takes over `timeout_s`)."""
+    async def stop(self, timeout_s: float = 20.0) -> int:
+        """SIGTERM, then the exit code (fails the test when it takes over `timeout_s`:
+        a hang, not a slow machine; systemd itself waits 90 s)."""
         self.send_signal(signal.SIGTERM)
         return await self.wait(timeout_s)
 
@@ -256,7 +257,7 @@ class NotifySocket:
     def values(self, key: str) -> list[str]:
         return [v for _, k, v in self.fields() if k == key]
 
-    async def wait_for(self, key: str, value: str | None = None, timeout_s: float = 10.0) -> float:
+    async def wait_for(self, key: str, value: str | None = None, timeout_s: float = 20.0) -> float:
         """Arrival time of the first `KEY=value` (any value when None)."""
         deadline = time.monotonic() + timeout_s
         while not (found := self.times(key, value)):

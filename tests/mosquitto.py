@@ -39,6 +39,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
 HOST = "127.0.0.1"
+SYNC_PREFIX = "harkd-test-sync/"
 
 
 def free_port() -> int:
@@ -253,6 +254,9 @@ class Recorder:
         self.topic_filter = topic_filter
         self.messages: list[Received] = []
         self._lock = threading.Lock()
+        # Its own topic, for `sync`: what the broker sends it comes back in order.
+        self._sync_topic = f"{SYNC_PREFIX}{uuid.uuid4().hex}"
+        self._synced: set[str] = set()
         self._subscribed = threading.Event()
         self._client = paho.Client(
             CallbackAPIVersion.VERSION2,
@@ -267,10 +271,14 @@ class Recorder:
         self._client.on_message = self._on_message
 
     def _on_connect(self, client: paho.Client, *_: Any) -> None:
-        client.subscribe(self.topic_filter, qos=1)
+        client.subscribe([(self.topic_filter, 1), (self._sync_topic, 1)])
 
     def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
         with self._lock:
+            if msg.topic.startswith(SYNC_PREFIX):  # markers, ours or another recorder's
+                if msg.topic == self._sync_topic:
+                    self._synced.add(msg.payload.decode())
+                return
             self.messages.append(
                 Received(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain), time.monotonic())
             )
@@ -303,11 +311,29 @@ class Recorder:
         with self._lock:
             self.messages.clear()
 
+    async def sync(self, timeout_s: float = 20.0) -> None:
+        """Wait until the broker has delivered everything it had for this recorder when
+        this was called (retained messages, Last Wills, what others published before).
+
+        A marker published now comes back after all of that: the broker delivers to a
+        client in order. Use it, not a sleep, before asserting that nothing else came.
+        """
+        marker = uuid.uuid4().hex
+        self._client.publish(self._sync_topic, marker, qos=1)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._lock:
+                if marker in self._synced:
+                    return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the broker did not echo a marker within {timeout_s} s")
+            await asyncio.sleep(0.02)
+
     async def wait_for(
         self,
         topic: str,
         predicate: Callable[[Received], bool] = lambda _: True,
-        timeout_s: float = 5.0,
+        timeout_s: float = 10.0,
     ) -> Received:
         """The first message on `topic` that satisfies `predicate` (polls; loop stays free)."""
         deadline = time.monotonic() + timeout_s
@@ -326,16 +352,14 @@ class Recorder:
         self,
         topic: str,
         predicate: Callable[[Received], bool] = lambda _: True,
-        timeout_s: float = 5.0,
+        timeout_s: float = 10.0,
     ) -> Received:
         """`wait_for` for synchronous tests."""
         return asyncio.run(self.wait_for(topic, predicate, timeout_s))
 
 
-async def read_retained(
-    broker: Mosquitto, topic_filter: str, settle_s: float = 0.3
-) -> dict[str, bytes]:
+async def read_retained(broker: Mosquitto, topic_filter: str) -> dict[str, bytes]:
     """The retained messages under `topic_filter`, as a fresh subscriber gets them."""
     with Recorder(broker, topic_filter) as rec:
-        await asyncio.sleep(settle_s)
+        await rec.sync()  # retained messages come right after the subscription
         return {m.topic: m.payload for m in rec.messages if m.retain}

@@ -216,4 +216,4 @@ def test_fake_server_takes_its_own_options() -> None:
         assert not line.rstrip().endswith(":0/v1/realtime")
     finally:
         server.send_signal(signal.SIGINT)
-        assert server.wait(timeout=10) == 0
+        assert server.wait(timeout=30) == 0

@@ -9,18 +9,21 @@ from typing import Any
 
 import pytest
 from e2e import assert_all_valid, fake_client, sent_types, until
+from harkd.adapters.openai import openai_realtime
 from harkd.client import RealtimeClient, ReconnectPolicy
 from harkd.messages import (
     AudioPart,
     MessageFinalized,
     RealtimeError,
     RealtimeStatus,
+    RealtimeToken,
     ToolCallFinished,
     ToolCallPart,
 )
 from harkd.testing import FakeRealtimeServer, FakeScript, ToolRule
-from harkd.tokens import EphemeralTokens, static_token
+from harkd.tokens import EphemeralTokens, TokenSource, static_token
 from harkd.tools import Tool, ToolCall
+from mosquitto import free_port
 
 KEY = "sk-test-0123456789"
 
@@ -152,15 +155,36 @@ async def test_bad_key_fails_without_a_hot_loop(server: FakeRealtimeServer) -> N
     assert client.status is RealtimeStatus.ERROR
     client.destroy()
     # A supervisor-owned client keeps the error in view and retries only slowly.
-    supervised = make_client(server, get_token=static_token("sk-wrong-key-123"))
-    task = asyncio.create_task(supervised.run())
-    await asyncio.sleep(1.0)
-    assert len(server.sessions) == 2  # one attempt each: no hot loop
+    attempts: list[str] = []
+
+    def counted(label: str, key: str) -> TokenSource:
+        inner = static_token(key)
+
+        async def get_token() -> RealtimeToken:
+            attempts.append(label)
+            return await inner()
+
+        return get_token
+
+    supervised = make_client(server, get_token=counted("refused", "sk-wrong-key-123"))
+    # A yardstick instead of a sleep: a client on the same backoff whose connection
+    # fails for another reason. Its retries show the refused one had time to retry.
+    unreachable = make_client(
+        server,
+        get_token=counted("unreachable", KEY),
+        adapter=openai_realtime(url=f"ws://127.0.0.1:{free_port()}/v1/realtime"),
+    )
+    tasks = [asyncio.create_task(c.run()) for c in (supervised, unreachable)]
+    await until(lambda: supervised.status is RealtimeStatus.ERROR, what="the error")
+    await until(lambda: attempts.count("unreachable") >= 6, what="6 attempts elsewhere")
+    assert attempts.count("refused") == 1  # no hot loop
+    assert len(server.sessions) == 2  # one attempt each
     assert supervised.status is RealtimeStatus.ERROR
     assert supervised.error is not None and supervised.error.code == "invalid_api_key"
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    for task in tasks:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
 
 
 async def test_ephemeral_tokens_are_minted_and_reused(server: FakeRealtimeServer) -> None:

@@ -21,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import harkd.mqtt
 import pytest
 from harkd.config import DeviceConfig, MqttConfig
 from harkd.ha_discovery import discovery_config, discovery_topic
@@ -40,7 +41,7 @@ from harkd.messages import (
     ToolCallFinished,
     UsageReported,
 )
-from harkd.mqtt import MqttBridge, make_client
+from harkd.mqtt import MqttBridge, make_client, state_payloads
 from mosquitto import Mosquitto, Recorder, free_port, mosquitto_fixture, read_retained
 from paho.mqtt.enums import MQTTErrorCode
 
@@ -142,7 +143,7 @@ async def running(bridge: MqttBridge, connect: bool = True) -> AsyncIterator[asy
             await task
 
 
-async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+async def until(condition: Callable[[], bool], timeout_s: float = 20.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() > deadline:
@@ -172,14 +173,23 @@ def busy_state() -> RealtimeState:
     )
 
 
+async def initial_state(rec: Recorder, ctl: FakeController) -> None:
+    """Wait until `rec` has the whole state a bridge publishes on connect (each topic
+    once, in one batch): later messages are then answers to what the test does."""
+    topics = {f"{B}/{sub}" for sub in state_payloads(ctl.state)} | {f"{B}/availability"}
+    await until(lambda: topics <= {m.topic for m in rec.messages})
+
+
 # -- state ---------------------------------------------------------------------------
 
 
 async def test_every_state_topic_is_retained_and_correct_after_connect(broker: Mosquitto) -> None:
     ctl = FakeController(busy_state())
     ctl.audio = AudioVisualization(input_level=0.5)  # levels are off by default
-    async with running(make_bridge(broker, ctl)):
-        got = await read_retained(broker, f"{B}/#")
+    with Recorder(broker, f"{B}/#") as rec:
+        async with running(make_bridge(broker, ctl)):
+            await initial_state(rec, ctl)  # at the broker, so retained for a new reader
+            got = await read_retained(broker, f"{B}/#")
     assert got[f"{B}/availability"] == b"online"
     assert got[f"{B}/status"] == b"connected"
     assert got[f"{B}/mode"] == b"listening"
@@ -208,8 +218,7 @@ async def test_a_state_change_republishes_only_what_changed(broker: Mosquitto) -
     ctl = FakeController(busy_state())
     with Recorder(broker, f"{B}/#") as rec:
         async with running(make_bridge(broker, ctl)):
-            await rec.wait_for(f"{B}/error")
-            await asyncio.sleep(0.2)
+            await initial_state(rec, ctl)
             rec.clear()
 
             ctl.set_state(mode=RealtimeMode.SPEAKING)
@@ -220,12 +229,15 @@ async def test_a_state_change_republishes_only_what_changed(broker: Mosquitto) -
             ctl.set_state(messages=(*ctl.state.messages, new_user))
             user = await rec.wait_for(f"{B}/transcript/user")
             ctl.set_state(volume=40, mic_muted=True)  # unchanged: nothing to send
-            await asyncio.sleep(0.3)
+            # A change after it: what the bridge sends arrives in order, so anything
+            # sent for the unchanged state would have come before this.
+            ctl.set_state(mode=RealtimeMode.LISTENING)
+            await rec.wait_for(f"{B}/mode", lambda m: m.text == "listening")
 
     assert cleared.payload == b"" and cleared.qos == 1
     assert json.loads(user.payload)["message_id"] == "u3"
     sent = [m.topic for m in rec.messages if m.topic != f"{B}/availability"]
-    assert sent == [f"{B}/mode", f"{B}/error", f"{B}/transcript/user"]
+    assert sent == [f"{B}/mode", f"{B}/error", f"{B}/transcript/user", f"{B}/mode"]
 
 
 async def test_bad_topics_are_refused_and_disabled_mqtt_does_nothing(broker: Mosquitto) -> None:
@@ -240,7 +252,7 @@ async def test_bad_topics_are_refused_and_disabled_mqtt_does_nothing(broker: Mos
     off.publish(f"{B}/timer/finished", "{}")
     await asyncio.wait_for(off.run(), 1)  # returns at once: nothing to supervise
     assert off.status == "disabled" and not off.connected
-    assert await read_retained(broker, "#", settle_s=0.1) == {}
+    assert await read_retained(broker, "#") == {}
 
 
 # -- commands ------------------------------------------------------------------------
@@ -309,7 +321,7 @@ async def test_every_command_with_a_valid_payload_reaches_the_controller(broker:
             for name, payload, call in VALID_COMMANDS:
                 ctl.calls.clear()
                 rec.publish(f"{B}/cmd/{name}", payload)
-                await until(lambda: bool(ctl.calls), timeout_s=3)
+                await until(lambda: bool(ctl.calls))
                 assert ctl.calls == [call], name
     # No complaints: B/error only carried the client's (empty) error state.
     assert [m.payload for m in rec.on(f"{B}/error")] == [b""]
@@ -324,7 +336,7 @@ async def test_a_bad_command_is_answered_on_error_and_changes_nothing(broker: Mo
                 rec.clear()
                 topic = f"{B}/cmd/{name}"
                 rec.publish(topic, payload)
-                answer = await rec.wait_for(f"{B}/error", timeout_s=3)
+                answer = await rec.wait_for(f"{B}/error")
                 body = json.loads(answer.payload)
                 assert body["code"] == "bad_command", name
                 assert body["message"].startswith(f"{topic}: "), body
@@ -333,11 +345,16 @@ async def test_a_bad_command_is_answered_on_error_and_changes_nothing(broker: Mo
                 assert not answer.retain
         # A retained command is never acted on (it would replay on each reconnect).
         rec.publish(f"{B}/cmd/interrupt", b"PRESS", retain=True)
+        rec.clear()
         async with running(make_bridge(broker, ctl)):
-            await asyncio.sleep(0.3)
+            # `online` is published after subscribing, so the retained command was on
+            # its way by then; a live command sent now is handled after it.
+            await rec.wait_for(f"{B}/availability", lambda m: m.text == "online")
+            rec.publish(f"{B}/cmd/volume", b"7")
+            await until(lambda: bool(ctl.calls))
         rec.publish(f"{B}/cmd/interrupt", b"", retain=True)  # clear it
         retained = await read_retained(broker, f"{B}/#")
-    assert ctl.calls == []
+    assert ctl.calls == [("set_volume", 7)]
     # The retained error state is still the client's (none: an empty retained payload
     # clears it), not a command's answer.
     assert f"{B}/error" not in retained
@@ -399,7 +416,8 @@ async def test_partial_transcripts_are_rate_limited_and_the_last_is_delivered(
     words = [f"w{i}" for i in range(50)]
     with Recorder(broker, f"{B}/transcript/#") as rec:
         async with running(make_bridge(broker, ctl)):
-            for i in range(50):  # 50 deltas per role within ~1 s
+            first_emit = time.monotonic()
+            for i in range(50):  # 50 deltas per role, over at least 1 s
                 text = " ".join(words[: i + 1])
                 ctl.emit(PartialTranscript("assistant", "a1", text))
                 ctl.emit(PartialTranscript("user", "u1", text.upper()))
@@ -409,7 +427,9 @@ async def test_partial_transcripts_are_rate_limited_and_the_last_is_delivered(
             await rec.wait_for(f"{B}/transcript/user/partial", lambda m: final.upper() in m.text)
     for role in ("user", "assistant"):
         partials = rec.on(f"{B}/transcript/{role}/partial")
-        span_s = partials[-1].at - partials[0].at
+        # Every one was published between the first delta and its own arrival; at 10 a
+        # second at most. A slow machine only widens that span, never narrows it.
+        span_s = partials[-1].at - first_emit
         assert 3 <= len(partials) <= span_s * 10 + 2, (role, len(partials), span_s)
         assert all(m.qos == 0 and not m.retain for m in partials)
     last = json.loads(rec.on(f"{B}/transcript/assistant/partial")[-1].payload)
@@ -420,16 +440,22 @@ async def test_audio_levels_at_most_ten_a_second_when_enabled(broker: Mosquitto)
     ctl = FakeController()
     ctl.audio = AudioVisualization(input_level=0.5, output_level=0.25)
     with Recorder(broker, f"{B}/audio/level") as rec:
+        started = time.monotonic()
         async with running(make_bridge(broker, ctl, publish_levels=True)):
             first = await rec.wait_for(f"{B}/audio/level")
-            start = time.monotonic()
-            while time.monotonic() - start < 1.0:  # levels change every 10 ms
-                level = (time.monotonic() - start) % 1
+            step = 0
+            while len(rec.messages) < 8:  # levels change every 10 ms
+                step += 1
+                level = step % 100 / 100
                 ctl.audio = AudioVisualization(input_level=level, output_level=1 - level)
                 await asyncio.sleep(0.01)
+                assert time.monotonic() - started < 30, "levels stopped coming"
+        # All were published while the bridge ran: at most 10 a second of that (plus
+        # the first at once). A slow machine only lengthens the run.
+        ran_s = time.monotonic() - started
     assert json.loads(first.payload) == {"input": 0.5, "output": 0.25}
     assert first.qos == 0
-    assert 5 <= len(rec.messages) <= 13
+    assert len(rec.messages) <= ran_s * 10 + 1, (len(rec.messages), ran_s)
 
 
 # -- discovery -----------------------------------------------------------------------
@@ -506,16 +532,17 @@ async def test_discovery_is_retained_and_republished_on_home_assistant_birth(
     with Recorder(broker, "#") as rec:
         async with running(make_bridge(broker, ctl, discovery_prefix="ha_test")):
             await rec.wait_for(topic)
+            await initial_state(rec, ctl)
             retained = await read_retained(broker, topic)
-            await asyncio.sleep(0.2)
             rec.clear()
             rec.publish("ha_test/status", b"offline")  # HA going away: nothing to do
-            await asyncio.sleep(0.3)
-            assert rec.on(topic) == []
+            await birth_delay_passed(rec, ctl)
             rec.publish("ha_test/status", b"online")
-            again = await rec.wait_for(topic, timeout_s=2)
+            again = await rec.wait_for(topic)
             await rec.wait_for(f"{B}/status")  # the state comes with it
             await rec.wait_for(f"{B}/availability", lambda m: m.text == "online")
+            # The bridge sends in order: a republish for `offline` would be here first.
+            assert len(rec.on(topic)) == 1
     config = json.loads(retained[topic])
     assert config["components"]["status"]["unique_id"] == "harkd_kitchen_status"
     assert config["device"]["identifiers"] == ["harkd_kitchen"]
@@ -532,10 +559,23 @@ async def test_discovery_off_publishes_and_subscribes_nothing_outside_base(
         async with running(make_bridge(broker, ctl, discovery_prefix=None)):
             await rec.wait_for(f"{B}/status")
             rec.publish("homeassistant/status", b"online")
-            await asyncio.sleep(0.5)
+            await birth_delay_passed(rec, ctl)
+            # Sent after any republish the birth message could have caused.
+            ctl.set_state(mode=RealtimeMode.SPEAKING)
+            await rec.wait_for(f"{B}/mode", lambda m: m.text == "speaking")
     topics = {m.topic for m in rec.messages} - {"homeassistant/status"}
     assert topics and all(t.startswith(f"{B}/") for t in topics), topics
     assert "harkd-kitchen" not in _subscribers_of(broker, "homeassistant/status")
+
+
+async def birth_delay_passed(rec: Recorder, ctl: FakeController) -> None:
+    """The bridge has handled what `rec` published so far and any birth republish it
+    scheduled for it is out: a command round trip (the bridge gets its messages in
+    order), then the longest birth delay on this same loop, whose timers run in order."""
+    before = len(ctl.calls)
+    rec.publish(f"{B}/cmd/volume", b"33")
+    await until(lambda: len(ctl.calls) > before)
+    await asyncio.sleep(0.1 + 0.01)  # make_bridge's birth_delay_s is at most 0.1 s
 
 
 def _subscribers_of(broker: Mosquitto, topic: str) -> str:
@@ -596,8 +636,8 @@ async def test_offline_queue_is_bounded_and_drops_the_oldest(
         broker.start()
         await until(lambda: bridge.connected, timeout_s=10)
         with Recorder(broker, "harkd/q/n", session="rec-queue") as rec:
-            await until(lambda: len(rec.messages) >= 1000, timeout_s=10)
-            await asyncio.sleep(0.2)
+            await until(lambda: len(rec.messages) >= 1000)
+            await rec.sync()  # nothing more is coming
     assert sorted(int(m.text) for m in rec.messages) == list(range(5, 1005))
     drops = [r for r in caplog.records if "dropping the oldest" in r.getMessage()]
     assert len(drops) == 1 and drops[0].levelno == logging.WARNING
@@ -620,15 +660,25 @@ def test_paho_queues_qos1_but_drops_qos0_while_not_yet_connected(broker: Mosquit
         assert qos1.rc == qos0.rc == MQTTErrorCode.MQTT_ERR_NO_CONN
         broker.start()
         with Recorder(broker, "fact/#") as rec:
-            rec.wait_for_blocking("fact/qos1", timeout_s=10)
-            time.sleep(0.2)
+            rec.wait_for_blocking("fact/qos1", timeout_s=20)
+            # Sent after both on the same connection: a kept QoS 0 would come first.
+            client.publish("fact/later", b"marker", qos=1)
+            rec.wait_for_blocking("fact/later", timeout_s=20)
     finally:
         client.disconnect()
         client.loop_stop()
-    assert {m.topic: m.payload for m in rec.messages} == {"fact/qos1": b"kept"}
+    assert {m.topic: m.payload for m in rec.messages} == {
+        "fact/qos1": b"kept",
+        "fact/later": b"marker",
+    }
 
 
-async def test_clean_shutdown_publishes_offline_quickly(broker: Mosquitto) -> None:
+async def test_clean_shutdown_publishes_offline_quickly(
+    broker: Mosquitto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Quick means on the broker's acknowledgement, not at the end of a bounded wait:
+    # with the bound made long, a shutdown that waited it out would take 30 s.
+    monkeypatch.setattr(harkd.mqtt, "SHUTDOWN_TIMEOUT_S", 30.0)
     with Recorder(broker, f"{B}/availability") as rec:
         task = asyncio.create_task(make_bridge(broker, FakeController()).run())
         await rec.wait_for(f"{B}/availability", lambda m: m.text == "online")
@@ -639,16 +689,31 @@ async def test_clean_shutdown_publishes_offline_quickly(broker: Mosquitto) -> No
         took_s = time.monotonic() - start
         await rec.wait_for(f"{B}/availability", lambda m: m.text == "offline")
     assert task.cancelled()
-    assert took_s < 1.0
+    print(f"\ncancel to offline acknowledged: {took_s * 1000:.0f} ms")
+    assert took_s < 10.0
     assert (await read_retained(broker, f"{B}/availability"))[f"{B}/availability"] == b"offline"
 
 
 CHILD = """
-import asyncio, sys, time
+import asyncio, logging, selectors, sys, time
 sys.path.insert(0, sys.argv[1])
 from test_mqtt import FakeController
 from harkd.config import DeviceConfig, MqttConfig
 from harkd.mqtt import MqttBridge, make_client
+
+class CountingSelector(selectors.DefaultSelector):
+    wakeups = 0  # one per event-loop iteration
+
+    def select(self, timeout=None):
+        CountingSelector.wakeups += 1
+        return super().select(timeout)
+
+class Attempts(logging.Handler):
+    count = 0  # one "unreachable" record per failed connection attempt
+
+    def emit(self, record):
+        if "unreachable" in record.getMessage():
+            Attempts.count += 1
 
 async def main(port: int, device: str, measure: bool) -> None:
     config = MqttConfig(host="127.0.0.1", port=port)
@@ -657,15 +722,25 @@ async def main(port: int, device: str, measure: bool) -> None:
     await asyncio.sleep(0.5)
     if measure:
         wall, cpu = time.monotonic(), time.process_time()
+        wakeups, attempts = CountingSelector.wakeups, Attempts.count
         await asyncio.sleep(2.0)
-        share = (time.process_time() - cpu) / (time.monotonic() - wall)
-        print(f"cpu={share:.4f} status={bridge.status}", flush=True)
+        window = time.monotonic() - wall
+        share = (time.process_time() - cpu) / window
+        print(
+            f"wakeups={CountingSelector.wakeups - wakeups} attempts={Attempts.count - attempts}"
+            f" window={window:.2f} cpu={share:.4f} status={bridge.status}",
+            flush=True,
+        )
         task.cancel()
     else:
         print("running", flush=True)
     await asyncio.gather(task, return_exceptions=True)
 
-asyncio.run(main(int(sys.argv[2]), sys.argv[3], sys.argv[4] == "cpu"))
+logger = logging.getLogger("harkd")
+logger.setLevel(logging.DEBUG)
+logger.addHandler(Attempts())
+loop = asyncio.SelectorEventLoop(CountingSelector())
+loop.run_until_complete(main(int(sys.argv[2]), sys.argv[3], sys.argv[4] == "cpu"))
 """
 
 
@@ -691,13 +766,19 @@ def test_a_killed_daemon_is_reported_offline_by_its_last_will(broker: Mosquitto)
         rec.wait_for_blocking(topic, lambda m: m.text == "offline")
 
 
-def test_idle_cpu_with_the_broker_down_stays_near_zero() -> None:
+def test_idle_with_the_broker_down_wakes_rarely() -> None:
+    """Counts, not a CPU share (which would depend on the machine): while the broker
+    is down, the event loop wakes a few times a second at most and connection attempts
+    back off. A busy loop or a retry storm would be hundreds or thousands."""
     child = _child(free_port(), "idle", "cpu")
-    out, _ = child.communicate(timeout=20)
+    out, _ = child.communicate(timeout=60)
     line = out.strip().splitlines()[-1]
-    share = float(line.split()[0].removeprefix("cpu="))
+    print(f"\n{line}")
+    fields = dict(part.split("=", 1) for part in line.split()[:4])
+    window_s = float(fields["window"])
     assert "unreachable" in line
-    assert share < 0.05, line
+    assert int(fields["wakeups"]) <= 5 * window_s + 2, line
+    assert int(fields["attempts"]) <= window_s + 1, line
 
 
 async def test_username_and_password(
@@ -710,16 +791,24 @@ async def test_username_and_password(
     assert retained == b"online"
 
     bad = make_bridge(auth_broker, FakeController(), "bad", "wrong-pass", username="harkd")
+
+    def refusals() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if "refused" in r.getMessage()]
+
+    started = time.monotonic()
     async with running(bad, connect=False) as task:
-        await asyncio.sleep(3.5)
+        # Two refusals: the bridge retried, and logs a repeat differently.
+        await until(lambda: len(refusals()) >= 2)
+        retried_after_s = time.monotonic() - started
         assert not bad.connected and not task.done()
         assert "refused" in bad.status
     attempts = auth_broker.log_text().count("not authorised")
-    # Backoff 1 s, 2 s, ...: a handful of attempts, not a busy loop.
-    assert 1 <= attempts <= 8, attempts
-    refusals = [r for r in caplog.records if "refused" in r.getMessage()]
-    assert refusals[0].levelno == logging.WARNING
-    assert all(r.levelno == logging.DEBUG for r in refusals[1:])
+    # Backoff 1 s, 2 s, ...: at most one attempt a second, not a busy loop (a slow
+    # machine only makes the wait longer, which allows more).
+    assert 2 <= attempts <= retried_after_s + 2, (attempts, retried_after_s)
+    first, *repeats = refusals()
+    assert first.levelno == logging.WARNING
+    assert all(r.levelno == logging.DEBUG for r in repeats)
     assert "s3cret-pass" not in caplog.text and "wrong-pass" not in caplog.text
 
 

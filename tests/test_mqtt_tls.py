@@ -178,7 +178,7 @@ async def test_with_our_ca_harkd_publishes_its_state_over_tls(
         async with running(bridge):
             await rec.wait_for(f"{base}/availability", lambda m: m.text == "online")
             await rec.wait_for(f"{base}/status")
-            retained = await read_retained(tls_broker, f"{base}/#", settle_s=0.1)
+            retained = await read_retained(tls_broker, f"{base}/#")
             assert bridge.connected
             assert bridge.status == f"connected to {tls_broker.host}:{tls_broker.port}"
         # A clean shutdown over TLS still says goodbye.
@@ -254,4 +254,4 @@ async def test_a_wrong_ca_is_reported_clearly_and_retried_without_leaking_secret
     for text in (caplog.text, first_status, system_status):
         assert "s3cret-pass" not in text
         assert "PRIVATE KEY" not in text and key_body[:40] not in text
-    assert not await read_retained(mtls_broker, "harkd/#", settle_s=0.1)
+    assert not await read_retained(mtls_broker, "harkd/#")

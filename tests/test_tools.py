@@ -29,14 +29,23 @@ async def echo(args: dict[str, Any], call: ToolCall) -> dict[str, Any]:
     return {"args": args, "call_id": call.call_id}
 
 
-def sleeper(seconds: float, log: list[str] | None = None) -> Any:
+def sleeper(seconds: float, log: list[str] | None = None, starts: list[str] | None = None) -> Any:
     async def handler(args: dict[str, Any], call: ToolCall) -> str:
+        if starts is not None:
+            starts.append(call.call_id)
         await asyncio.sleep(seconds)
         if log is not None:
             log.append(call.call_id)
         return f"slept {seconds}"
 
     return handler
+
+
+async def running(starts: list[str], count: int) -> None:
+    """Wait until `count` handlers have started (a sleep might not be long enough)."""
+    async with asyncio.timeout(30):
+        while len(starts) < count:  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
 
 
 ADD = {
@@ -112,10 +121,10 @@ async def test_schema_invalid_arguments_name_path_and_reason(arguments: Any, exp
 
 
 async def test_timeout_is_an_error_result() -> None:
-    runner = ToolRunner([make_tool("slow", sleeper(5), timeout_s=0.05)])
+    runner = ToolRunner([make_tool("slow", sleeper(60), timeout_s=0.05)])
     started = time.monotonic()
     [outcome] = await runner.run_all([call("slow")])
-    assert time.monotonic() - started < 1
+    assert time.monotonic() - started < 30  # cut short, not waited out
     assert outcome.error == "timed out after 0.05 s"
 
 
@@ -162,16 +171,29 @@ async def test_output_must_be_json(output: Any) -> None:
 
 
 async def test_calls_run_concurrently_and_come_back_in_call_order() -> None:
+    started: list[str] = []
     finished: list[str] = []
-    runner = ToolRunner(
-        [make_tool("slow", sleeper(0.3, finished)), make_tool("fast", sleeper(0.05, finished))]
+    all_in = asyncio.Event()
+
+    def handler(seconds: float) -> Any:
+        async def run(args: dict[str, Any], call: ToolCall) -> str:
+            started.append(call.call_id)
+            if len(started) == 3:
+                all_in.set()
+            await all_in.wait()  # passes only when all three run at once
+            await asyncio.sleep(seconds)
+            finished.append(call.call_id)
+            return f"slept {seconds}"
+
+        return run
+
+    runner = ToolRunner([make_tool("slow", handler(0.3)), make_tool("fast", handler(0.05))])
+    outcomes = await asyncio.wait_for(
+        runner.run_all(
+            [call("slow", call_id="1"), call("slow", call_id="2"), call("fast", call_id="3")]
+        ),
+        30,  # one after the other, the first would wait for the others forever
     )
-    started = time.monotonic()
-    outcomes = await runner.run_all(
-        [call("slow", call_id="1"), call("slow", call_id="2"), call("fast", call_id="3")]
-    )
-    elapsed = time.monotonic() - started
-    assert 0.3 <= elapsed < 0.6  # one after the other would take 0.65 s
     assert finished[0] == "3"  # the fast one really finished first...
     assert [o.call.call_id for o in outcomes] == ["1", "2", "3"]  # ...yet order is kept
     assert [o.output for o in outcomes] == ["slept 0.3", "slept 0.3", "slept 0.05"]
@@ -188,17 +210,18 @@ async def test_one_failing_call_does_not_affect_the_others() -> None:
 
 
 async def test_cancel_interruptible_cancels_only_those_tools() -> None:
+    starts: list[str] = []
     runner = ToolRunner(
         [
-            make_tool("search", sleeper(5), cancel_on_interrupt=True),
-            make_tool("lights", sleeper(0.2)),
+            make_tool("search", sleeper(60, starts=starts), cancel_on_interrupt=True),
+            make_tool("lights", sleeper(0.2, starts=starts)),
         ]
     )
     task = asyncio.create_task(runner.run_all([call("search"), call("lights")]))
-    await asyncio.sleep(0.05)
+    await running(starts, 2)
     assert runner.cancel_interruptible() == 1
     assert runner.cancel_interruptible() == 0  # already cancelled: not counted twice
-    search, lights = await asyncio.wait_for(task, 1)
+    search, lights = await asyncio.wait_for(task, 30)
     assert search.error == "cancelled by interruption"
     assert lights.output == "slept 0.2"  # it kept running to the end
     assert runner.cancel_interruptible() == 0
@@ -207,16 +230,19 @@ async def test_cancel_interruptible_cancels_only_those_tools() -> None:
 async def test_cancelling_the_caller_cancels_every_call_and_propagates() -> None:
     cancelled: list[str] = []
 
+    starts: list[str] = []
+
     async def handler(args: dict[str, Any], call: ToolCall) -> None:
+        starts.append(call.call_id)
         try:
-            await asyncio.sleep(5)
+            await asyncio.sleep(60)
         except asyncio.CancelledError:
             cancelled.append(call.call_id)
             raise
 
     runner = ToolRunner([make_tool("t", handler, cancel_on_interrupt=True)])
     task = asyncio.create_task(runner.run_all([call("t", call_id="a"), call("t", call_id="b")]))
-    await asyncio.sleep(0.05)
+    await running(starts, 2)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -224,19 +250,21 @@ async def test_cancelling_the_caller_cancels_every_call_and_propagates() -> None
 
 
 async def test_caller_cancelled_together_with_an_interruption_still_propagates() -> None:
-    runner = ToolRunner([make_tool("t", sleeper(5), cancel_on_interrupt=True)])
+    starts: list[str] = []
+    runner = ToolRunner([make_tool("t", sleeper(60, starts=starts), cancel_on_interrupt=True)])
     task = asyncio.create_task(runner.run_all([call("t")]))
-    await asyncio.sleep(0.05)
-    runner.cancel_interruptible()
+    await running(starts, 1)
+    assert runner.cancel_interruptible() == 1
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
 
 
 async def test_reloaded_tools_leave_running_calls_interruptible() -> None:
-    runner = ToolRunner([make_tool("t", sleeper(5), cancel_on_interrupt=True)])
+    starts: list[str] = []
+    runner = ToolRunner([make_tool("t", sleeper(60, starts=starts), cancel_on_interrupt=True)])
     task = asyncio.create_task(runner.run_all([call("t")]))
-    await asyncio.sleep(0.05)
+    await running(starts, 1)
     runner.replace_tools([make_tool("other", echo)])  # a SIGHUP mid-call
     assert runner.names == ("other",)
     assert runner.cancel_interruptible() == 1
