@@ -59,3 +59,23 @@ clean:
 test-systemd: $(STAMP)
 	$(MAKE) system APT_PACKAGES="systemd-container debootstrap"
 	$(SUDO) env HARKD_TEST_SYSTEMD=1 $(PY) -m pytest -q -rP -m systemd_boot tests/test_systemd_boot.py
+
+# The whole suite STRESS_RUNS times in a row while a CPU-bound process per core
+# competes: a verdict that depends on the machine's speed shows up as a failure. One
+# summary line per run; logs of failed runs are kept (their path is printed). The
+# competitors are killed however the runs end; fails if any run failed.
+STRESS_RUNS ?= 3
+.PHONY: test-stress
+test-stress: $(STAMP)
+	@hogs=""; trap 'kill $$hogs 2>/dev/null' EXIT; \
+	for i in $$(seq $$(nproc)); do $(PY) -c 'while True: pass' & hogs="$$hogs $$!"; done; \
+	echo "test-stress: $(STRESS_RUNS) runs against $$(nproc) CPU-bound competitor(s) (pids$$hogs)"; \
+	logs=$$(mktemp -d /tmp/harkd-stress.XXXXXX); failed=0; \
+	for run in $$(seq $(STRESS_RUNS)); do \
+		log=$$logs/run-$$run.log; \
+		$(PY) -m pytest -q -p no:cacheprovider >$$log 2>&1; code=$$?; \
+		echo "run $$run/$(STRESS_RUNS): exit $$code: $$(tail -n 1 $$log)"; \
+		if [ $$code -ne 0 ]; then failed=1; grep -E '^(FAILED|ERROR) ' $$log; fi; \
+	done; \
+	if [ $$failed -ne 0 ]; then echo "test-stress: FAILED (logs in $$logs)"; exit 1; fi; \
+	rm -rf $$logs; echo "test-stress: every run passed"
