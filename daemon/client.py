@@ -364,6 +364,7 @@ class RealtimeClient:
                 if self._output is not None:
                     self._output.set_volume(self._volume)
                     self._output.on_drained(self._on_drained)
+                    self._output.on_abandoned(self._on_abandoned)
                     await self._output.start(self)
                 if self._input is not None:
                     await self._input.start(self)
@@ -613,6 +614,12 @@ class RealtimeClient:
     def _on_drained(self) -> None:
         self._quiet_since = time.monotonic()
         self._apply(self._session.playback_drained())
+
+    def _on_abandoned(self, played: dict[str, int]) -> None:
+        # The speaker could not play the answer in time (its device was away): what
+        # was heard is what the model keeps, and the message still ends, interrupted.
+        self._quiet_since = time.monotonic()
+        self._apply(self._session.playback_stopped(played))
 
     def _mic_gated(self) -> bool:
         """Half duplex: while the assistant talks (and a tail after) the mic is shut."""

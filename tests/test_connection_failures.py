@@ -384,3 +384,75 @@ async def test_audio_the_connection_drops_is_counted_logged_once_and_not_committ
     assert any(isinstance(c, ev.ClearAudio) for c in commands)
     serving.cancel()
     await asyncio.gather(serving, return_exceptions=True)
+
+
+# --- a speaker whose device is away ----------------------------------------------
+
+
+class AwaySpeaker:
+    """An output whose device is lost: it keeps what it is given and plays nothing,
+    until the test gives up on it as the ALSA output does after its hold time."""
+
+    sample_rate = 24_000
+    name = "away"
+    is_playing = False
+
+    def __init__(self) -> None:
+        self.held: dict[str, int] = {}
+        self._abandoned: list[Callable[[dict[str, int]], None]] = []
+
+    async def start(self, listener: DeviceListener) -> None:
+        pass
+
+    async def stop(self) -> None:
+        self.held.clear()
+
+    def play(self, item_id: str, pcm: bytes) -> None:
+        self.held[item_id] = self.held.get(item_id, 0) + len(pcm)
+
+    def stop_playback(self) -> dict[str, int]:
+        self.held.clear()
+        return {}
+
+    def played_ms(self, item_id: str) -> int:
+        return 0
+
+    def set_volume(self, volume: int) -> None:
+        pass
+
+    def on_drained(self, callback: Callable[[], None]) -> None:
+        pass
+
+    def on_abandoned(self, callback: Callable[[dict[str, int]], None]) -> None:
+        self._abandoned.append(callback)
+
+    def give_up(self) -> None:
+        played = dict.fromkeys(self.held, 0)
+        self.held.clear()
+        for callback in self._abandoned:
+            callback(played)
+
+    def meter(self) -> Any:
+        from harkd.audio.base import MeterReading
+
+        return MeterReading()
+
+
+async def test_an_answer_the_speaker_cannot_play_is_still_finalized_and_published(
+    server: FakeRealtimeServer,
+) -> None:
+    speaker = AwaySpeaker()
+    published: list[Any] = []
+    client = fake_client(server, KEY, audio_output=speaker, on_message=published.append)
+    async with Running(client):
+        client.send_text("what time is it")
+        await until(lambda: bool(speaker.held), what="answer audio held for the device")
+
+        def given_up_and_published() -> bool:
+            speaker.give_up()  # as the ALSA output does each time its hold time ends
+            return any(m.role == "assistant" for m in published)
+
+        await until(given_up_and_published, what="the answer published")
+    [answer] = [m for m in published if m.role == "assistant"]
+    assert answer.interrupted and answer.duration_ms == 0
+    assert answer.text  # the transcript is kept even though nothing was heard
