@@ -159,34 +159,27 @@ def test_no_sequence_of_events_breaks_the_session(vad_mode: Any, sequence: list[
 # --- real websockets: a broken connection is a lost connection ---------------------
 
 
-class CountingInput(WavInput):
-    """The WAV microphone, counting how often it is started and stopped."""
+class Counts:
+    """Counts how often an audio device is started and stopped (mixed in first)."""
 
     starts = 0
     stops = 0
 
     async def start(self, listener: DeviceListener) -> None:
         self.starts += 1
-        await super().start(listener)
+        await super().start(listener)  # type: ignore[misc]
 
     async def stop(self) -> None:
         self.stops += 1
-        await super().stop()
+        await super().stop()  # type: ignore[misc]
 
 
-class CountingOutput(NullOutput):
-    """The null speaker, counting how often it is started and stopped."""
+class CountingInput(Counts, WavInput):
+    """The WAV microphone, counted."""
 
-    starts = 0
-    stops = 0
 
-    async def start(self, listener: DeviceListener) -> None:
-        self.starts += 1
-        await super().start(listener)
-
-    async def stop(self) -> None:
-        self.stops += 1
-        await super().stop()
+class CountingOutput(Counts, NullOutput):
+    """The null speaker, counted."""
 
 
 @pytest.fixture
