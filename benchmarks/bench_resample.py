@@ -14,6 +14,7 @@ import statistics
 import time
 
 import numpy as np
+
 from harkd.audio.resample import StreamResampler
 
 RUNS = 30

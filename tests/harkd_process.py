@@ -29,8 +29,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import harkd
 import yaml
+
+import harkd
 
 HARKD = [sys.executable, "-m", "harkd.cli"]
 DEMO_WAV = Path(harkd.__file__).resolve().parent / "data" / "demo_question.wav"

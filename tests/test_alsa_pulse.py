@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+
 from harkd.audio.alsa import AlsaOutput
 from pulse_fixture import PulseServer, Recording
 

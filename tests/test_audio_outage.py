@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
+
 from harkd.audio import alsa
 from harkd.audio.alsa import AlsaInput, AlsaOutput
 from pulse_fixture import PulseServer, Recording

@@ -12,6 +12,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+
 from harkd.plugins import BackgroundTask, LoadedPlugins, PluginHost, load_plugins
 from harkd.tools import ToolCall, ToolOutcome, ToolRunner
 from harkd_plugins.mqtt_devices import filter_problem, topic_matches

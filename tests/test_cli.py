@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from harkd_process import harkd_env, run_harkd, write_config
 
 pytestmark = pytest.mark.timeout(60)

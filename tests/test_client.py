@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+
 from e2e import assert_all_valid, fake_client, sent_types, until
 from harkd.adapters.openai import openai_realtime
 from harkd.client import RealtimeClient, ReconnectPolicy

@@ -16,6 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from websockets.protocol import State
+
 from e2e import Running, fake_client, sent_types, until
 from harkd import events as ev
 from harkd import session as session_module
@@ -28,9 +32,6 @@ from harkd.client import RealtimeClient
 from harkd.messages import RealtimeStatus
 from harkd.session import Send, Session
 from harkd.testing import FakeRealtimeServer, FakeScript
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from websockets.protocol import State
 
 KEY = "sk-test-failures"
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from harkd import cli, config
 from harkd.config import ConfigError, parse_config
 from harkd_process import harkd_env, run_harkd, write_config

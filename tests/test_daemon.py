@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from e2e import assert_all_valid, until
 from harkd.testing import FakeRealtimeServer, FakeScript, ToolRule
 from harkd_process import (

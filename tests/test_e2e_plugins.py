@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from e2e import assert_all_valid, sent_types, until
 from harkd.adapters.openai import openai_realtime
 from harkd.client import RealtimeClient, ReconnectPolicy

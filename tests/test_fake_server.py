@@ -15,6 +15,12 @@ from typing import Annotated, Any
 
 import numpy as np
 import pytest
+from openai import AsyncOpenAI
+from openai.types.realtime import RealtimeServerEvent
+from pydantic import BaseModel, Field, TypeAdapter
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
 from harkd.testing import (
     ClientEventInvalid,
     EnergyVad,
@@ -24,11 +30,6 @@ from harkd.testing import (
     synthesize_speech,
     validate_client_event,
 )
-from openai import AsyncOpenAI
-from openai.types.realtime import RealtimeServerEvent
-from pydantic import BaseModel, Field, TypeAdapter
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
 
 KEY = "sk-test"
 RATE = 24_000

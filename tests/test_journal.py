@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from harkd.journal import TranscriptJournal, format_history
 
 

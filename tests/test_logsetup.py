@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from harkd.logsetup import SecretRedactor, configure_logging, redact, register_secret
 
 SECRET = "hunter2-very-secret-value"

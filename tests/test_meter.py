@@ -6,6 +6,7 @@ import threading
 
 import numpy as np
 import pytest
+
 from harkd.audio.meter import DECAY_TAU_S, HOLD_S, TIME_POINTS, LevelMeter
 
 

@@ -21,8 +21,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import harkd.mqtt
 import pytest
+from paho.mqtt.enums import MQTTErrorCode
+
+import harkd.mqtt
 from harkd.config import DeviceConfig, MqttConfig
 from harkd.ha_discovery import discovery_config, discovery_topic
 from harkd.messages import (
@@ -43,7 +45,6 @@ from harkd.messages import (
 )
 from harkd.mqtt import MqttBridge, make_client, state_payloads
 from mosquitto import Mosquitto, Recorder, free_port, mosquitto_fixture, read_retained
-from paho.mqtt.enums import MQTTErrorCode
 
 # Unlimited broker-side queue for persistent sessions: the queue tests count 1000.
 broker = mosquitto_fixture(extra_config=("max_queued_messages 0",))

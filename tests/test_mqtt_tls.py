@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 from harkd.config import DeviceConfig, MqttConfig, TlsFiles
 from harkd.mqtt import MqttBridge
 from mosquitto import BrokerTls, Mosquitto, Recorder, mosquitto_fixture, read_retained

@@ -6,9 +6,10 @@ import json
 import os
 
 import pytest
+from openai.types.realtime import InputAudioBufferAppendEvent
+
 from harkd import events as ev
 from harkd.adapters.openai import append_message, encode
-from openai.types.realtime import InputAudioBufferAppendEvent
 
 
 @pytest.mark.parametrize("pcm", [b"", b"\x00\x01", os.urandom(960), os.urandom(4801)])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from harkd.audio.playback import PlaybackBuffer, volume_gain
 
 BYTES_PER_MS = 48  # 24 kHz PCM16 mono

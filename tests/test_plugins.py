@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from harkd.config import ConfigError
 from harkd.plugins import (
     BackgroundTask,

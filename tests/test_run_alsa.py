@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+
 from e2e import assert_all_valid, until
 from harkd.testing import FakeRealtimeServer, FakeScript
 from pulse_fixture import PulseServer

@@ -8,6 +8,7 @@ import wave
 from pathlib import Path
 
 import pytest
+
 from e2e import until
 from harkd import service
 from harkd.config import parse_config

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
 from harkd.systemd import LoopLagProbe, SystemdNotifier, run_watchdog, watchdog_interval_s
 from harkd_process import NotifySocket
 

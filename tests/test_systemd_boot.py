@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from harkd_process import deep_merge, harkd_env
 from mosquitto import free_port
 from nspawn import CACHE_DIR, Container, ensure_tree

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import pytest
+
 from harkd.tools import Tool, ToolCall, ToolError, ToolRunner
 
 OBJECT: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}

@@ -19,10 +19,11 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import harkd.audio.vad as vad_module
 import numpy as np
 import pytest
 import soxr
+
+import harkd.audio.vad as vad_module
 from harkd.audio.vad import (
     MIN_COMMIT_MS,
     WARMUP_MS,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from harkd.audio import open_input, open_output
 from harkd.audio.alsa import AlsaInput, AlsaOutput
 from harkd.audio.wav import NullOutput, WavInput, WavOutput

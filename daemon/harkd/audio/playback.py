@@ -27,6 +27,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 import numpy as np
+
 from harkd.audio.base import PROVIDER_RATE
 from harkd.audio.resample import Quality, StreamResampler
 

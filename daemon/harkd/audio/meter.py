@@ -15,6 +15,7 @@ import time
 from collections import deque
 
 import numpy as np
+
 from harkd.audio.base import MeterReading
 
 WINDOW = 1024

@@ -21,6 +21,10 @@ from typing import Any, Literal
 from urllib.parse import urlencode, urlsplit
 
 import websockets
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.protocol import State
+
 from harkd import events as ev
 from harkd.adapters.base import (
     AuthenticationFailed,
@@ -30,9 +34,6 @@ from harkd.adapters.base import (
 )
 from harkd.audio.base import PROVIDER_RATE
 from harkd.messages import RealtimeToken
-from websockets.asyncio.client import ClientConnection
-from websockets.exceptions import ConnectionClosed, InvalidStatus
-from websockets.protocol import State
 
 log = logging.getLogger(__name__)
 

@@ -63,6 +63,7 @@ from typing import Any
 
 import alsaaudio
 import numpy as np
+
 from harkd.audio.base import AudioFrame, DeviceListener, MeterReading
 from harkd.audio.meter import LevelMeter
 from harkd.audio.playback import PlaybackBuffer

@@ -11,6 +11,7 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 
 import yaml
+
 from harkd.config import Config, ConfigError, find_config, load_config
 from harkd.logsetup import configure_logging, register_secret
 
