@@ -34,9 +34,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, _ConnectionState
 from paho.mqtt.reasoncodes import ReasonCode
 
+from .backoff import Backoff
 from .config import DeviceConfig, MqttConfig, TlsFiles
 from .ha_discovery import (
     AVAILABLE,
@@ -114,12 +115,45 @@ class Controller(Protocol):
     async def disconnect(self) -> None: ...
 
 
+RECONNECT_INITIAL_S = 1.0
+RECONNECT_MAX_S = 60.0
+_STOPPED = (_ConnectionState.MQTT_CS_DISCONNECTING, _ConnectionState.MQTT_CS_DISCONNECTED)
+
+
+class _BackoffClient(paho.Client):
+    """paho's client, waiting between reconnect attempts as `harkd.backoff` says.
+
+    paho's own wait doubles without jitter, so every device of a restarted broker
+    would come back in the same second. paho (2.x) waits in exactly one place, its
+    private `_reconnect_wait`; this override keeps its exit conditions and its
+    `_reconnect_delay = None` on an accepted connection, which here means "reset".
+    """
+
+    def __init__(self, client_id: str) -> None:
+        super().__init__(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
+        self._backoff = Backoff(RECONNECT_INITIAL_S, RECONNECT_MAX_S)
+
+    def _reconnect_wait(self) -> None:
+        with self._reconnect_delay_mutex:
+            if self._reconnect_delay is None:  # first failure since a connection was accepted
+                self._backoff.reset()
+            delay = self._backoff.next()
+            self._reconnect_delay = round(delay)
+        deadline = time.monotonic() + delay
+        # Like paho: wake every second to see whether disconnect() or loop_stop() came.
+        while not self._thread_terminate and self._state not in _STOPPED:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, 1.0))
+
+
 def make_client(mqtt: MqttConfig, password: str | None, client_id: str) -> paho.Client:
-    """A paho client with credentials, TLS and reconnect backoff from `mqtt`.
+    """A paho client with credentials, TLS and jittered reconnect backoff (1 s .. 60 s).
 
     Not connected; callers set callbacks, then `connect_async` + `loop_start`.
     """
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
+    client = _BackoffClient(client_id)
     if mqtt.username is not None:
         client.username_pw_set(mqtt.username, password)
     if mqtt.tls is True:
@@ -130,7 +164,6 @@ def make_client(mqtt: MqttConfig, password: str | None, client_id: str) -> paho.
             certfile=_opt_path(mqtt.tls.certfile),
             keyfile=_opt_path(mqtt.tls.keyfile),
         )
-    client.reconnect_delay_set(1, 60)
     return client
 
 

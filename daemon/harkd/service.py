@@ -21,6 +21,7 @@ from typing import Any
 
 from harkd.adapters.openai import openai_realtime
 from harkd.audio import open_input, open_output
+from harkd.backoff import Backoff
 from harkd.client import RealtimeClient, ReconnectPolicy
 from harkd.config import Config, ConfigError, load_config
 from harkd.journal import TranscriptJournal
@@ -189,8 +190,8 @@ class Daemon:
 
     async def _keep_running(self, name: str, factory: Callable[[], Awaitable[None]]) -> None:
         loop = asyncio.get_running_loop()
-        ceiling_s = restart_ceiling_s(watchdog_interval_s())
-        delay = 1.0
+        # No jitter: a part restarts on its own device, nobody else's retries to spread.
+        backoff = Backoff(1.0, restart_ceiling_s(watchdog_interval_s()), jitter=0)
         recovery: asyncio.TimerHandle | None = None
         while True:
             started = time.monotonic()
@@ -203,14 +204,14 @@ class Daemon:
                     part.alive = False
                     part.restarts += 1
                 if time.monotonic() - started >= RECOVERED_AFTER_S:
-                    delay = 1.0  # it had been working: a new failure, not a crash loop
+                    backoff.reset()  # it had been working: a new failure, not a crash loop
+                delay = backoff.next()
                 log.exception("%s failed; restarting in %.0f s", name, delay)
                 self.client.report_failure(name, f"{type(exc).__name__}: {exc}")
             finally:
                 if recovery is not None:
                     recovery.cancel()
             await asyncio.sleep(delay)
-            delay = min(delay * 2, ceiling_s)
             if (part := self._parts.get(name)) is not None:
                 part.alive = True  # running again: the watchdog may ping
             # The error stays shown until the part has stayed up, so B/error does not

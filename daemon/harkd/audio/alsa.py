@@ -68,6 +68,7 @@ from harkd.audio.base import AudioFrame, DeviceListener, MeterReading
 from harkd.audio.meter import LevelMeter
 from harkd.audio.playback import PlaybackBuffer
 from harkd.audio.resample import StreamResampler
+from harkd.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -194,10 +195,13 @@ class _Edge(ABC):
         if self._listener is not None:
             self._call_soon(self._listener.device_recovered, self.name)
 
-    def _backoff(self, delay_s: float) -> float:
-        """Wait `delay_s` (or until stopped) and return the next delay."""
-        self._stopping.wait(delay_s)
-        return min(delay_s * 2, BACKOFF_MAX_S)
+    def _retry_backoff(self) -> Backoff:
+        # No jitter: nobody else retries this device, there is no crowd to spread.
+        return Backoff(BACKOFF_INITIAL_S, BACKOFF_MAX_S, jitter=0)
+
+    def _pause(self, backoff: Backoff) -> None:
+        """Wait the next backoff delay, or until stopped."""
+        self._stopping.wait(backoff.next())
 
 
 class AlsaInput(_Edge):
@@ -262,14 +266,14 @@ class AlsaInput(_Edge):
         queue.put_nowait(frame)
 
     def _thread_main(self) -> None:
-        delay = BACKOFF_INITIAL_S
+        backoff = self._retry_backoff()
         while not self._stopping.is_set():
             try:
                 pcm, channels, rate = self._open()
             except alsaaudio.ALSAAudioError as exc:
                 self._report_failure(str(exc))
                 self._attempted()
-                delay = self._backoff(delay)
+                self._pause(backoff)
                 continue
             self._attempted()
             failure = None
@@ -281,9 +285,9 @@ class AlsaInput(_Edge):
                 pcm.close()
             if failure is not None:
                 if not self._failed:
-                    delay = BACKOFF_INITIAL_S  # it worked until now: a new outage
+                    backoff.reset()  # it worked until now: a new outage
                 self._report_failure(failure)
-                delay = self._backoff(delay)
+                self._pause(backoff)
 
     def _open(self) -> tuple[alsaaudio.PCM, int, int]:
         period = max(1, self.sample_rate * self.period_ms // 1000)
@@ -525,18 +529,18 @@ class AlsaOutput(_Edge):
                 log.exception("%s: on_abandoned callback failed", self.name)
 
     def _thread_main(self) -> None:
-        delay = BACKOFF_INITIAL_S
+        backoff = self._retry_backoff()
         while not self._stopping.is_set():
             try:
                 pcm = self._open()
             except alsaaudio.ALSAAudioError as exc:
                 self._report_failure(str(exc))
                 self._attempted()
-                delay = self._wait_for_retry(delay)
+                self._wait_for_retry(backoff.next())
                 continue
             self._report_working()
             self._attempted()
-            delay = BACKOFF_INITIAL_S
+            backoff.reset()
             self._held_since = None
             failure = None
             try:
@@ -621,8 +625,8 @@ class AlsaOutput(_Edge):
         if drained:
             self._call_soon(self._drained, generation)
 
-    def _wait_for_retry(self, delay: float) -> float:
-        """Wait before reopening the lost device; returns the next backoff delay.
+    def _wait_for_retry(self, delay: float) -> None:
+        """Wait `delay` before reopening the lost device.
 
         While answer audio waits, reopening is tried every `BACKOFF_INITIAL_S`, and
         audio that waited `HOLD_S` is handed to the loop to be abandoned.
@@ -648,7 +652,6 @@ class AlsaOutput(_Edge):
                 break
             self._wake_event.wait(wake_at - now)
             self._wake_event.clear()
-        return min(delay * 2, BACKOFF_MAX_S)
 
     def _write_loop(self, pcm: alsaaudio.PCM) -> None:
         while not self._stopping.is_set():
