@@ -81,6 +81,16 @@ class ImagePart:
     type: Literal["image"] = "image"
 
 
+def is_url(data: str) -> bool:
+    """Whether image data is an http(s) URL: a reference, not the image itself."""
+    return data.startswith(("http://", "https://"))
+
+
+def is_data_url(data: str) -> bool:
+    """Whether image data is a `data:` URL: inline, and naming its own media type."""
+    return data.startswith("data:")
+
+
 MessagePart: TypeAlias = TextPart | AudioPart | ToolCallPart | ToolResultPart | ImagePart
 
 

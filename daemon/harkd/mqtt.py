@@ -55,6 +55,8 @@ from .messages import (
     RealtimeState,
     ToolCallFinished,
     UsageReported,
+    is_data_url,
+    is_url,
 )
 
 __all__ = ["Controller", "MessageCallback", "MqttBridge", "make_client", "state_payloads"]
@@ -654,9 +656,9 @@ class MqttBridge:
             raise _BadCommand(f"mime_type must be image/..., got {mime_type!r}")
         if not isinstance(data, str) or not data:
             raise _BadCommand("data must be a non-empty string (base64 or URL)")
-        if not data.startswith(("http://", "https://")):
-            encoded = _DATA_URL.sub("", data, count=1) if data.startswith("data:") else data
-            if data.startswith("data:") and encoded == data:
+        if not is_url(data):
+            encoded = _DATA_URL.sub("", data, count=1) if is_data_url(data) else data
+            if is_data_url(data) and encoded == data:
                 raise _BadCommand("data URL must be data:image/...;base64,...")
             try:
                 base64.b64decode(encoded, validate=True)

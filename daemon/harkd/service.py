@@ -34,6 +34,7 @@ from harkd.messages import (
     RealtimeState,
     RealtimeStatus,
     ToolCallFinished,
+    is_url,
 )
 from harkd.mqtt import MqttBridge
 from harkd.plugins import BackgroundTask, LoadedPlugins, PluginHost, load_plugins
@@ -424,7 +425,7 @@ def _journal_form(message: RealtimeMessage) -> dict[str, Any]:
     """The message as kept on disk: inline image data is summarised, not stored."""
     parts = tuple(
         replace(p, data=f"<{len(p.data)} bytes of base64>")
-        if isinstance(p, ImagePart) and not p.data.startswith(("http://", "https://"))
+        if isinstance(p, ImagePart) and not is_url(p.data)
         else p
         for p in message.parts
     )
