@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from harkd.audio.base import DeviceListener, MeterReading
-from harkd.session import BYTES_PER_MS
+from harkd.session import DEFAULT_TRAITS
 from harkd.testing import FakeRealtimeServer, FakeScript, ToolRule
 
 TURNS = 3000
@@ -43,6 +43,8 @@ SERVER_ITEMS = 64
 KEY = "sk-soak-not-a-real-key"
 REPLY = "It is noon, just as you asked."
 RSS_GROWTH_TARGET_MB = 2.0
+BYTES_PER_MS = int(DEFAULT_TRAITS.output_format.bytes_per_ms)
+"""Of the answer audio the speaker is given."""
 DRIFT_TARGET = 0.10  # the last 100 turns' median within 10 % of turns 11-110
 
 

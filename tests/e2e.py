@@ -163,9 +163,13 @@ class LoggedAdapter:
         self._inner = inner
         self._timeline = timeline
         self.name = inner.name
+        self.traits = inner.traits
 
-    async def connect(self, token: RealtimeToken, settings: SessionSettings) -> RealtimeConnection:
-        return _LoggedConnection(await self._inner.connect(token, settings), self._timeline)
+    async def connect(
+        self, token: RealtimeToken, settings: SessionSettings, resume_handle: str | None = None
+    ) -> RealtimeConnection:
+        inner = await self._inner.connect(token, settings, resume_handle)
+        return _LoggedConnection(inner, self._timeline)
 
 
 class LoggedInput(WavInput):

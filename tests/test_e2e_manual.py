@@ -251,7 +251,7 @@ async def test_push_to_talk_commits_and_asks_for_an_answer(tmp_path: Path) -> No
             # periods the microphone delivered): a push-to-talk turn ends only on release.
             hold = periods(500 + len_ms(speech_pcm(FIRST)) + 900)
             await until(lambda: timeline.tally("frame", pressed) >= hold, what="the hold")
-            assert "CommitAudio" not in [e.detail for e in timeline if e.kind == "command"]
+            assert "EndTurn" not in [e.detail for e in timeline if e.kind == "command"]
             client.stop_listening()
             held_ms = timeline.tally("frame", pressed) * 20
             await until(lambda: any(m.message.role == "assistant" for m in done), what="the answer")

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import tracemalloc
+from dataclasses import replace
+
+import pytest
 
 from harkd import events as ev
+from harkd.adapters.base import AudioFormat
 from harkd.messages import (
     AudioPart,
     ImagePart,
@@ -18,6 +22,7 @@ from harkd.messages import (
     UsageReported,
 )
 from harkd.session import (
+    DEFAULT_TRAITS,
     CancelTools,
     Effect,
     Emit,
@@ -136,11 +141,11 @@ def test_manual_turn_commits_then_asks_for_one_response() -> None:
     session = connected("manual")
     assert session.mode is RealtimeMode.IDLE
     assert not session.append_audio(b"\0" * 20 * MS)  # nothing leaves between turns
-    assert sent(session.start_listening()) == [ev.ClearAudio()]
+    assert sent(session.start_listening()) == [ev.StartTurn()]
     assert session.mode is RealtimeMode.LISTENING
     for _ in range(10):
         assert session.append_audio(b"\0" * 20 * MS)
-    assert sent(session.stop_listening()) == [ev.CommitAudio(), ev.CreateResponse()]
+    assert sent(session.stop_listening()) == [ev.EndTurn(), ev.RequestResponse()]
     assert session.mode is RealtimeMode.THINKING
     session.handle(ev.InputCommitted("item_m1", None))
     assert session.messages[0].duration_ms == 200
@@ -150,7 +155,7 @@ def test_manual_turn_under_100_ms_is_cleared_never_committed() -> None:
     session = connected("manual")
     session.start_listening()
     session.append_audio(b"\0" * 80 * MS)
-    assert sent(session.stop_listening()) == [ev.ClearAudio()]
+    assert sent(session.stop_listening()) == [ev.DiscardTurn()]
     assert session.mode is RealtimeMode.IDLE
 
 
@@ -159,7 +164,7 @@ def test_text_turn_is_final_at_once_and_answered() -> None:
     effects = session.send_text("what time is it?")
     commands = sent(effects)
     assert isinstance(commands[0], ev.CreateMessage) and commands[0].text == "what time is it?"
-    assert commands[1:] == [ev.CreateResponse()]
+    assert commands[1:] == [ev.RequestResponse()]
     message = session.messages[0]
     assert message.parts == (TextPart("what time is it?"),)
     assert MessageFinalized(message) in emitted(effects)
@@ -213,9 +218,9 @@ def test_parallel_calls_run_once_then_all_outputs_then_one_response() -> None:
     effects = session.tool_outputs("resp_t", outcomes)
     commands = sent(effects)
     assert commands == [
-        ev.CreateFunctionOutput("call_0", '{"time": "12:00"}'),
-        ev.CreateFunctionOutput("call_1", '{"error": "boom: weather service down"}'),
-        ev.CreateResponse(),
+        ev.ToolResult("call_0", "get_time", '{"time": "12:00"}'),
+        ev.ToolResult("call_1", "get_weather", '{"error": "boom: weather service down"}'),
+        ev.RequestResponse(),
     ]
     finished = [e for e in emitted(effects) if isinstance(e, ToolCallFinished)]
     assert finished[1].error == "boom: weather service down"
@@ -232,7 +237,7 @@ def test_tool_outputs_skip_response_create_when_user_spoke_meanwhile() -> None:
     run = next(e for e in effects if isinstance(e, RunTools))
     session.handle(ev.SpeechStarted("item_u2", 100))
     commands = sent(session.tool_outputs("resp_t", [ToolOutcome(run.calls[0], output=1)]))
-    assert commands == [ev.CreateFunctionOutput("call_0", "1")]
+    assert commands == [ev.ToolResult("call_0", "slow", "1")]
 
 
 def test_response_create_waits_for_the_active_response() -> None:
@@ -240,16 +245,18 @@ def test_response_create_waits_for_the_active_response() -> None:
     session.handle(ev.ResponseCreated("resp_1"))
     assert sent(session.say("your tea is ready"))[1:] == []  # deferred
     effects = session.handle(ev.ResponseDone("resp_1", "completed"))
-    assert sent(effects) == [ev.CreateResponse()]
+    assert sent(effects) == [ev.RequestResponse()]
 
 
 def test_already_active_error_retries_after_that_response() -> None:
     session = connected()
     session.send_text("hello")
-    session.handle(ev.ServerError("conversation_already_has_active_response", "busy"))
+    session.handle(ev.ServerError("conversation_already_has_active_response", "busy", "busy"))
     assert session.error is None
     session.handle(ev.ResponseCreated("resp_other"))
-    assert sent(session.handle(ev.ResponseDone("resp_other", "completed"))) == [ev.CreateResponse()]
+    assert sent(session.handle(ev.ResponseDone("resp_other", "completed"))) == [
+        ev.RequestResponse()
+    ]
 
 
 def test_local_barge_in_truncates_at_played_ms_and_cancels() -> None:
@@ -328,17 +335,20 @@ def test_cancelled_response_with_calls_runs_no_tools() -> None:
 
 def test_errors_are_surfaced_with_codes_and_harmless_ones_ignored() -> None:
     session = connected()
-    session.handle(ev.ServerError("response_cancel_not_active", "nothing to cancel"))
+    session.handle(ev.ServerError("response_cancel_not_active", "nothing to cancel", "harmless"))
     assert session.error is None
-    session.handle(ev.ServerError("input_audio_buffer_commit_empty", "buffer too small"))
-    assert session.error is not None and session.error.code == "input_audio_buffer_commit_empty"
-    session.handle(ev.ResponseCreated("r"))
-    session.handle(
-        ev.ResponseDone(
-            "r", "failed", status_details={"error": {"code": "server_error", "message": "x"}}
-        )
+    session.handle(ev.ServerError("input_audio_buffer_commit_empty", "too small", "empty_turn"))
+    assert session.error is not None
+    assert (session.error.code, session.error.message) == (
+        "input_audio_buffer_commit_empty",
+        "too small",
     )
+    session.handle(ev.ResponseCreated("r"))
+    session.handle(ev.ResponseDone("r", "failed", error_code="server_error"))
     assert session.error is not None and session.error.code == "server_error"
+    session.handle(ev.ResponseCreated("r3"))
+    session.handle(ev.ResponseDone("r3", "failed"))
+    assert session.error is not None and session.error.code == "response_failed"
     answer(session, "r2", "a2", 100, "fine")
     assert session.error is None
 
@@ -471,3 +481,65 @@ def test_an_answer_cut_after_a_reconnect_is_finalized_interrupted_without_a_trun
     [message] = finalized(effects)
     assert message.interrupted and message.duration_ms == 400
     assert sent(effects) == []  # the new session never had that item
+
+
+# --- what differs between providers comes in as their traits ----------------------
+
+
+def with_traits(mode: str = "server", **changes: object) -> Session:
+    """A connected session whose provider differs from the default in `changes`."""
+    session = Session(mode, traits=replace(DEFAULT_TRAITS, **changes))  # type: ignore[arg-type]
+    session.connected()
+    return session
+
+
+def test_a_provider_that_cannot_truncate_still_gets_the_answer_marked_interrupted() -> None:
+    session = with_traits(can_truncate=False)
+    session.handle(ev.ResponseCreated("r"))
+    session.handle(ev.OutputItemAdded("r", "a", "message"))
+    session.handle(ev.AssistantTranscriptDelta("r", "a", "Once upon a time"))
+    session.handle(ev.AudioDelta("r", "a", b"\0" * 3000 * MS))
+    assert ev.CancelResponse() in sent(session.interrupt())
+    effects = session.playback_stopped({"a": 1234})
+    assert not any(isinstance(c, ev.TruncateItem) for c in sent(effects))
+    [message] = finalized(effects)
+    assert message.interrupted and message.duration_ms == 1234
+    assert message.parts == (AudioPart("Once upon a time", 1234),)
+
+
+def test_a_provider_that_answers_by_itself_is_not_asked_after_a_turn() -> None:
+    session = with_traits("manual", answers_by_itself=True)
+    session.start_listening()
+    session.append_audio(b"\0" * 200 * MS)
+    assert sent(session.stop_listening()) == [ev.EndTurn()]
+    assert session.mode is RealtimeMode.THINKING
+
+
+def test_milliseconds_follow_the_provider_formats() -> None:
+    # 16 kHz in (32 bytes a millisecond), 24 kHz out (48).
+    session = with_traits("manual", input_format=AudioFormat(16_000))
+    session.start_listening()
+    session.append_audio(b"\0" * 99 * 32)
+    assert sent(session.stop_listening()) == [ev.DiscardTurn()]  # 99 ms: too short
+    session.start_listening()
+    session.append_audio(b"\0" * 100 * 32)
+    assert sent(session.stop_listening())[0] == ev.EndTurn()
+    session.handle(ev.InputCommitted("u", None))
+    assert session.messages[0].duration_ms == 100
+    answer(session, "r", "a", 300, "Hi.")
+    [message] = finalized(session.playback_drained())
+    assert message.duration_ms == 300
+
+
+def test_a_provider_without_the_asked_turn_taking_is_refused() -> None:
+    with pytest.raises(ValueError, match="'manual'"):
+        Session("manual", traits=replace(DEFAULT_TRAITS, manual_turns=False))
+    with pytest.raises(ValueError, match="'semantic'"):
+        Session("semantic", traits=replace(DEFAULT_TRAITS, server_turns=False))
+
+
+def test_going_away_and_resume_handles_are_not_the_sessions_business() -> None:
+    session = connected()
+    assert session.handle(ev.GoingAway(5000)) == []
+    assert session.handle(ev.ResumeHandle("h1")) == []
+    assert session.mode is RealtimeMode.LISTENING

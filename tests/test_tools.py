@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from harkd.tools import Tool, ToolCall, ToolError, ToolRunner
+from harkd.tools import Tool, ToolCall, ToolError, ToolRunner, ToolSpec
 
 OBJECT: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
 
@@ -276,12 +276,7 @@ async def test_reloaded_tools_leave_running_calls_interruptible() -> None:
 def test_schemas_and_names() -> None:
     runner = ToolRunner([make_tool("add", echo, parameters=ADD), make_tool("echo", echo)])
     assert runner.names == ("add", "echo")
-    assert runner.schemas()[0] == {
-        "type": "function",
-        "name": "add",
-        "description": "add tool",
-        "parameters": ADD,
-    }
+    assert runner.schemas()[0] == ToolSpec("add", "add tool", ADD)
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
 
+from harkd.tools import ToolSpec
+
+VadMode: TypeAlias = Literal["server", "semantic", "manual"]
+"""Who decides turns: the provider's VAD, its semantic VAD, or harkd (push-to-talk or
+its own on-device VAD)."""
+
+MIN_COMMIT_MS = 100
+"""A turn with less audio (or speech) than this is discarded, never ended: providers
+reject or mishear such scraps (OpenAI refuses commits under 100 ms)."""
+
 # --- server -> client ------------------------------------------------------------
 
 
@@ -109,7 +119,7 @@ class OutputItemAdded:
 
 @dataclass(frozen=True, slots=True)
 class AudioDelta:
-    """Decoded PCM16 24 kHz audio of an assistant item."""
+    """Decoded PCM16 audio of an assistant item, in the adapter's output format."""
 
     response_id: str
     item_id: str
@@ -162,7 +172,8 @@ class ResponseDone:
     response_id: str
     status: str
     usage: Mapping[str, Any] | None = None
-    status_details: Mapping[str, Any] | None = None
+    error_code: str | None = None
+    """Why a failed response failed, in the provider's words (None: not said)."""
     function_calls: tuple[FunctionCallDone, ...] = ()
 
 
@@ -174,12 +185,21 @@ class ItemTruncated:
     audio_end_ms: int
 
 
+ErrorKind: TypeAlias = Literal["harmless", "auth", "busy", "empty_turn", "expired", "other"]
+"""What a provider error means for the session, decided by the adapter's decoder:
+`harmless` we raced the server (e.g. cancelled a response that had just ended);
+`auth` the credential was refused; `busy` a response was requested while one is
+active; `empty_turn` an ended turn held too little audio; `expired` the provider ended
+the session at its time limit; `other` anything else."""
+
+
 @dataclass(frozen=True, slots=True)
 class ServerError:
-    """An `error` event."""
+    """An error the provider reported; `code` and `message` are its own words."""
 
     code: str
     message: str
+    kind: ErrorKind = "other"
     type: str = "error"
     event_id: str | None = None
     param: str | None = None
@@ -191,6 +211,22 @@ class AudioDropped:
     (reported by the transport, not the server): it never reached the provider."""
 
     pcm_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class GoingAway:
+    """The provider will close this connection soon: move to a new one before then,
+    resuming with the newest `ResumeHandle` where the provider gives them."""
+
+    time_left_ms: int | None
+    """How long the connection has left; None: not said."""
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeHandle:
+    """A handle that resumes this session on a new connection; a newer one replaces it."""
+
+    handle: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +265,8 @@ ServerEvent: TypeAlias = (
     | ItemTruncated
     | ServerError
     | AudioDropped
+    | GoingAway
+    | ResumeHandle
     | Ignored
     | Unknown
 )
@@ -238,24 +276,30 @@ ServerEvent: TypeAlias = (
 
 @dataclass(frozen=True, slots=True)
 class AppendAudio:
-    """Append PCM16 24 kHz mono to the input buffer."""
+    """Microphone audio (PCM16 mono, in the adapter's input format) for the provider."""
 
     pcm: bytes = field(repr=False)
 
 
 @dataclass(frozen=True, slots=True)
-class CommitAudio:
-    """Turn the input buffer into a user item."""
+class StartTurn:
+    """harkd opened a turn (push-to-talk, its own VAD): the audio from here on is it."""
 
 
 @dataclass(frozen=True, slots=True)
-class ClearAudio:
-    """Empty the input buffer."""
+class EndTurn:
+    """The open turn is over: its audio becomes a user item. It follows the turn's
+    audio, never overtakes it."""
 
 
 @dataclass(frozen=True, slots=True)
-class CreateResponse:
-    """Ask the model to answer."""
+class DiscardTurn:
+    """Forget the open turn's audio (too short, no speech): no user item, no answer."""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestResponse:
+    """Ask the model to answer now."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,10 +309,11 @@ class CancelResponse:
 
 @dataclass(frozen=True, slots=True)
 class TruncateItem:
-    """Cut an assistant item's audio at what the user really heard."""
+    """Cut an assistant item's audio at what the user really heard (sent only to
+    providers that can truncate)."""
 
     item_id: str
-    audio_end_ms: int
+    heard_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,22 +327,25 @@ class CreateMessage:
 
 
 @dataclass(frozen=True, slots=True)
-class CreateFunctionOutput:
-    """Give the model a function call's result."""
+class ToolResult:
+    """Give the model the result of one of its tool calls."""
 
     call_id: str
+    name: str
     output: str
+    """JSON text: the tool's output, or `{"error": ...}`."""
 
 
 Command: TypeAlias = (
     AppendAudio
-    | CommitAudio
-    | ClearAudio
-    | CreateResponse
+    | StartTurn
+    | EndTurn
+    | DiscardTurn
+    | RequestResponse
     | CancelResponse
     | TruncateItem
     | CreateMessage
-    | CreateFunctionOutput
+    | ToolResult
 )
 
 
@@ -307,8 +355,8 @@ class SessionSettings:
 
     instructions: str
     voice: str
-    vad_mode: Literal["server", "semantic", "manual"] = "server"
+    vad_mode: VadMode = "server"
     transcription_model: str | None = None
-    tools: tuple[Mapping[str, Any], ...] = ()
+    tools: tuple[ToolSpec, ...] = ()
     interrupt_response: bool = True
     output_modalities: tuple[Literal["audio", "text"], ...] = ("audio",)

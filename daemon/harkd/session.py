@@ -8,7 +8,10 @@ what the tools returned, when the speaker went quiet).
 This is where harkd differs from the reference client: transcripts accumulate per
 item and are matched by item id, manual turns are committed (never under 100 ms),
 barge-in truncates at what was heard and drops late audio, and the calls of one
-response are answered together, followed by exactly one `response.create`.
+response are answered together, followed by exactly one request for a response.
+
+It knows no provider: commands and events are the neutral ones of `harkd.events`, and
+what differs between providers comes in as their `ProviderTraits`.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, TypeAlias, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 from harkd import events as ev
+from harkd.adapters.base import AudioFormat, ProviderTraits
 from harkd.messages import (
     AudioPart,
     ClientEvent,
@@ -34,16 +38,24 @@ from harkd.messages import (
     ToolCallPart,
     ToolResultPart,
     UsageReported,
+    is_data_url,
+    is_url,
 )
 from harkd.tools import ToolCall, ToolOutcome
 
 log = logging.getLogger(__name__)
 
-BYTES_PER_MS = 48
-"""PCM16 mono at 24 kHz: 24 samples of 2 bytes per millisecond."""
-
-MIN_COMMIT_MS = 100
-"""The provider rejects commits of less audio than this."""
+DEFAULT_TRAITS = ProviderTraits(
+    input_format=AudioFormat(24_000),
+    output_format=AudioFormat(24_000),
+    server_turns=True,
+    manual_turns=True,
+    answers_by_itself=False,
+    can_truncate=True,
+    resume="replay",
+)
+"""What a session assumes when not told its provider's traits: those of the OpenAI
+adapter, the provider harkd started with."""
 
 MESSAGE_WINDOW = 200
 """Messages kept in memory; older ones live only in the transcript journal. Enough for
@@ -53,11 +65,6 @@ for every message still in flight."""
 _OPEN_ITEMS = 8
 """Per-item scratch (partial transcripts, speech timing) is kept for this many items:
 more are never open at once, and an item the server never finishes is forgotten."""
-
-# Errors that only tell us we raced the server; nothing for the user to see.
-_HARMLESS_ERRORS = {"response_cancel_not_active"}
-
-VadMode: TypeAlias = Literal["server", "semantic", "manual"]
 
 
 # --- actions for the client --------------------------------------------------------
@@ -72,7 +79,7 @@ class Send:
 
 @dataclass(frozen=True, slots=True)
 class PlayAudio:
-    """Queue response audio (24 kHz PCM16) for the speaker."""
+    """Queue response audio (PCM16 in the provider's output format) for the speaker."""
 
     item_id: str
     pcm: bytes = field(repr=False)
@@ -142,14 +149,21 @@ class Session:
 
     def __init__(
         self,
-        vad_mode: VadMode = "server",
+        vad_mode: ev.VadMode = "server",
         *,
+        traits: ProviderTraits = DEFAULT_TRAITS,
         voice_interrupts: bool = True,
         transcribes: bool = True,
         has_audio_output: bool = True,
         max_messages: int = MESSAGE_WINDOW,
     ) -> None:
+        """`ValueError` when the provider cannot take turns the way `vad_mode` asks."""
+        if not (traits.manual_turns if vad_mode == "manual" else traits.server_turns):
+            raise ValueError(f"the provider cannot take vad_mode {vad_mode!r} turns")
         self.vad_mode = vad_mode
+        self.traits = traits
+        self._in_bytes_per_ms = traits.input_format.bytes_per_ms
+        self._out_bytes_per_ms = traits.output_format.bytes_per_ms
         self.voice_interrupts = voice_interrupts
         self.transcribes = transcribes
         self.has_audio_output = has_audio_output
@@ -271,14 +285,14 @@ class Session:
     # --- user intents --------------------------------------------------------------
 
     def append_audio(self, pcm: bytes) -> bool:
-        """Whether microphone audio (24 kHz PCM16) may go to the provider now.
+        """Whether microphone audio (in the provider's input format) may go to it now.
 
         Audio is the data plane, 50 chunks a second: the caller sends it itself rather
         than through an effect, and the session only counts it into the open turn.
         """
         if not self._connected or (self.vad_mode == "manual" and not self._turn_open):
             return False
-        self._turn_ms += len(pcm) / BYTES_PER_MS
+        self._turn_ms += len(pcm) / self._in_bytes_per_ms
         return True
 
     def start_listening(self) -> list[Effect]:
@@ -290,26 +304,28 @@ class Session:
             self._turn_open = True
             self._turn_ms = 0.0
             self._turn_since_tools = True
-            effects.append(Send(ev.ClearAudio()))
+            effects.append(Send(ev.StartTurn()))
         return effects
 
     def stop_listening(self) -> list[Effect]:
-        """Close a manual turn: commit and ask for an answer, or drop a too short one."""
+        """Close a manual turn: end it and have it answered, or drop a too short one."""
         if not self._turn_open:
             return []
         self._turn_open = False
-        if self._turn_ms < MIN_COMMIT_MS:
-            log.info("turn of %.0f ms dropped (under %d ms)", self._turn_ms, MIN_COMMIT_MS)
-            return [Send(ev.ClearAudio())]
+        if self._turn_ms < ev.MIN_COMMIT_MS:
+            log.info("turn of %.0f ms dropped (under %d ms)", self._turn_ms, ev.MIN_COMMIT_MS)
+            return [Send(ev.DiscardTurn())]
         self._awaiting_response = True
-        return [Send(ev.CommitAudio()), *self._request_response()]
+        if self.traits.answers_by_itself:
+            return [Send(ev.EndTurn())]
+        return [Send(ev.EndTurn()), *self._request_response()]
 
     def drop_turn(self) -> list[Effect]:
         """Forget an open manual turn without committing it (too little speech)."""
         if not self._turn_open:
             return []
         self._turn_open = False
-        return [Send(ev.ClearAudio())]
+        return [Send(ev.DiscardTurn())]
 
     def interrupt(self) -> list[Effect]:
         """Stop the assistant now (local decision: the server will not cancel)."""
@@ -322,11 +338,7 @@ class Session:
 
     def send_image(self, data: str, mime_type: str) -> list[Effect]:
         """An image (base64 or URL) for the assistant to look at and answer."""
-        url = (
-            data
-            if data.startswith(("http://", "https://", "data:"))
-            else (f"data:{mime_type};base64,{data}")
-        )
+        url = data if is_url(data) or is_data_url(data) else f"data:{mime_type};base64,{data}"
         message = RealtimeMessage(
             id=local_item_id(), role="user", parts=(ImagePart(data, mime_type),)
         )
@@ -373,9 +385,9 @@ class Session:
                 continue
             heard = int(min(played_ms, received))
             if heard < int(received):
-                # Cut the server's copy at what the user heard; 0 is rejected and
-                # means there is nothing of it in the user's ears anyway.
-                if heard > 0:
+                # Cut the server's copy at what the user heard, where it can be cut;
+                # at 0 there is nothing of it in the user's ears anyway.
+                if heard > 0 and self.traits.can_truncate:
                     effects.append(Send(ev.TruncateItem(item_id, heard)))
                 self._mark_interrupted(item_id, heard)
         return effects + self._finish_interrupted()
@@ -401,7 +413,7 @@ class Session:
         for outcome in outcomes:
             call = outcome.call
             text = outcome.output_text()
-            effects.append(Send(ev.CreateFunctionOutput(call.call_id, text)))
+            effects.append(Send(ev.ToolResult(call.call_id, call.name, text)))
             effects += self._record_tool_result(call, text)
             effects.append(
                 Emit(
@@ -435,7 +447,7 @@ class Session:
     def _on_AudioDropped(self, event: ev.AudioDropped) -> list[Effect]:
         # The turn holds what really reached the provider: a commit is decided on that.
         if self._turn_open:
-            self._turn_ms = max(0.0, self._turn_ms - event.pcm_bytes / BYTES_PER_MS)
+            self._turn_ms = max(0.0, self._turn_ms - event.pcm_bytes / self._in_bytes_per_ms)
         return []
 
     def _on_SpeechStarted(self, event: ev.SpeechStarted) -> list[Effect]:
@@ -444,7 +456,7 @@ class Session:
         _remember(self._speech_start_ms, event.item_id, event.audio_start_ms)
         if not self.voice_interrupts:
             return []
-        # With server VAD and interrupt_response the server cancels its own response.
+        # A server that decides turns cancels its own answer when the user speaks.
         return self._barge_in(server_cancels=True)
 
     def _on_SpeechStopped(self, event: ev.SpeechStopped) -> list[Effect]:
@@ -531,7 +543,7 @@ class Session:
             return []
         self._track_output(event.response_id, event.item_id)
         self._received_ms[event.item_id] = (
-            self._received_ms.get(event.item_id, 0.0) + len(event.pcm) / BYTES_PER_MS
+            self._received_ms.get(event.item_id, 0.0) + len(event.pcm) / self._out_bytes_per_ms
         )
         if not self.has_audio_output:
             return []
@@ -581,13 +593,7 @@ class Session:
             effects.append(Emit(UsageReported(event.response_id, event.status, event.usage)))
         cancelled = event.status != "completed" or response.cancelled
         if event.status == "failed":
-            details = event.status_details or {}
-            error = details.get("error") if isinstance(details, dict) else None
-            code = (
-                str(error.get("code", "response_failed"))
-                if isinstance(error, dict)
-                else ("response_failed")
-            )
+            code = event.error_code or "response_failed"
             self.error = RealtimeError(code, f"response {event.response_id} failed")
         elif event.status == "completed":
             self.error = None
@@ -605,15 +611,16 @@ class Session:
         return effects
 
     def _on_ServerError(self, event: ev.ServerError) -> list[Effect]:
-        if event.code in _HARMLESS_ERRORS:
+        if event.kind == "harmless":
+            # We raced the server (e.g. cancelled an answer that had just ended).
             log.debug("ignored server error %s", event.code)
             return []
-        if event.code == "conversation_already_has_active_response":
-            # Our response.create raced one the server started: ask again after it.
+        if event.kind == "busy":
+            # Our request raced a response the server started: ask again after it.
             self._response_requested = False
             self._want_response = True
             return []
-        if event.code == "input_audio_buffer_commit_empty":
+        if event.kind == "empty_turn":
             self._awaiting_response = False
         log.warning("server error %s: %s", event.code, event.message)
         self.error = RealtimeError(event.code, event.message)
@@ -683,7 +690,7 @@ class Session:
             self._want_response = True
             return []
         self._response_requested = True
-        return [Send(ev.CreateResponse())]
+        return [Send(ev.RequestResponse())]
 
     def _dropped(self, response_id: str) -> bool:
         response = self._responses.get(response_id)

@@ -38,6 +38,17 @@ class ToolCall:
     """The raw JSON text the model produced (may be invalid)."""
 
 
+@dataclass(frozen=True)
+class ToolSpec:
+    """What the model is told about a tool, in no provider's wire shape: each adapter
+    words it for its own session configuration."""
+
+    name: str
+    description: str
+    parameters: Mapping[str, Any]
+    """JSON Schema (of type object) of the arguments."""
+
+
 ToolHandler = Callable[[dict[str, Any], ToolCall], Awaitable[Any]]
 
 
@@ -55,14 +66,9 @@ class Tool:
     timeout_s: float = 10.0
     cancel_on_interrupt: bool = False
 
-    def schema(self) -> dict[str, Any]:
-        """The tool as the provider's `session.tools` entry."""
-        return {
-            "type": "function",
-            "name": self.name,
-            "description": self.description,
-            "parameters": dict(self.parameters),
-        }
+    def spec(self) -> ToolSpec:
+        """What the model is told about this tool."""
+        return ToolSpec(self.name, self.description, self.parameters)
 
 
 @dataclass(frozen=True)
@@ -75,7 +81,7 @@ class ToolOutcome:
     duration_ms: float = 0.0
 
     def output_text(self) -> str:
-        """The `function_call_output` text sent to the model."""
+        """The result text sent to the model (`ToolResult.output`)."""
         if self.error is not None:
             return json.dumps({"error": self.error}, ensure_ascii=False)
         return json.dumps(self.output, ensure_ascii=False, default=str)
@@ -149,9 +155,9 @@ class ToolRunner:
         """The tool names, in definition order."""
         return tuple(self._tools)
 
-    def schemas(self) -> list[dict[str, Any]]:
-        """The `session.tools` entries for every tool."""
-        return [tool.schema() for tool in self._tools.values()]
+    def schemas(self) -> list[ToolSpec]:
+        """The spec of every tool, for `SessionSettings.tools`."""
+        return [tool.spec() for tool in self._tools.values()]
 
     async def run_all(self, calls: Sequence[ToolCall]) -> list[ToolOutcome]:
         """Run the calls of one response concurrently; outcomes come back in call order.

@@ -1,12 +1,49 @@
-"""What the client needs from a provider adapter, and how connections fail."""
+"""What the client needs from a provider adapter, what an adapter declares it can do,
+and how connections fail."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Literal, Protocol
 
 from harkd.events import Command, ServerEvent, SessionSettings
 from harkd.messages import RealtimeToken
+
+
+@dataclass(frozen=True)
+class AudioFormat:
+    """PCM16 mono little-endian audio at `rate` Hz."""
+
+    rate: int
+
+    @property
+    def bytes_per_ms(self) -> float:
+        """Bytes of one millisecond of this audio (2 bytes a sample)."""
+        return self.rate * 2 / 1000
+
+
+@dataclass(frozen=True)
+class ProviderTraits:
+    """What a provider can do, declared by its adapter. The session and the client
+    decide from these, never from a provider's name."""
+
+    input_format: AudioFormat
+    """The microphone audio the provider takes (`AppendAudio`)."""
+    output_format: AudioFormat
+    """The answer audio it sends (`AudioDelta`)."""
+    server_turns: bool
+    """It can decide turns itself (server VAD): vad_mode server or semantic."""
+    manual_turns: bool
+    """harkd can decide turns (`StartTurn`, `EndTurn`): vad_mode manual."""
+    answers_by_itself: bool
+    """After `EndTurn` it answers without a `RequestResponse`."""
+    can_truncate: bool
+    """It can cut an answer at the heard position (`TruncateItem`); without it, the
+    message is still marked interrupted at that position."""
+    resume: Literal["handle", "replay"]
+    """After a drop a session is resumed with the provider's `ResumeHandle`, or a fresh
+    one gets the recent conversation replayed as context."""
 
 
 class ConnectionFailed(Exception):
@@ -42,7 +79,7 @@ class RealtimeConnection(Protocol):
         """Queue a command; control commands overtake queued audio."""
 
     async def send_audio(self, pcm: bytes) -> None:
-        """Send microphone audio (PCM16 24 kHz) behind anything already queued."""
+        """Send microphone audio (in `traits.input_format`) behind anything queued."""
 
     def update_session(self, settings: SessionSettings) -> None:
         """Apply changed settings (instructions, tools) to the running session."""
@@ -59,9 +96,16 @@ class RealtimeConnection(Protocol):
 
 
 class RealtimeAdapter(Protocol):
-    """A provider: opens configured sessions."""
+    """A provider: declares what it can do, opens configured sessions."""
 
     name: str
+    traits: ProviderTraits
 
-    async def connect(self, token: RealtimeToken, settings: SessionSettings) -> RealtimeConnection:
-        """Open a session configured with `settings` (waits until the provider accepted)."""
+    async def connect(
+        self, token: RealtimeToken, settings: SessionSettings, resume_handle: str | None = None
+    ) -> RealtimeConnection:
+        """Open a session configured with `settings` (waits until the provider accepted).
+
+        With `resume_handle` (from a `ResumeHandle` event) a provider whose traits say
+        `resume="handle"` continues that session; others ignore it.
+        """

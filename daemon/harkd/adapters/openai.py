@@ -2,7 +2,7 @@
 
 Everything harkd sends is GA-shaped; decoding accepts the retired beta event names
 as a fallback. The transport keeps two lanes so control commands (cancel, truncate,
-commit, tool outputs) never wait behind queued microphone audio.
+turn end, tool results) never wait behind queued microphone audio.
 """
 
 from __future__ import annotations
@@ -27,12 +27,13 @@ from websockets.protocol import State
 
 from harkd import events as ev
 from harkd.adapters.base import (
+    AudioFormat,
     AuthenticationFailed,
     ConnectionFailed,
     ConnectionLost,
     ProtocolError,
+    ProviderTraits,
 )
-from harkd.audio.base import PROVIDER_RATE
 from harkd.messages import RealtimeToken
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,22 @@ CLOSE_TIMEOUT_S = 2.0
 AUTH_CLOSE_CODES = {3000, 4001, 4003}
 AUDIO_LANE_FRAMES = 250
 """Appends queued behind a slow socket before the oldest is dropped: ~5 s of 20 ms frames."""
-_PCM_FORMAT = {"type": "audio/pcm", "rate": PROVIDER_RATE}
-_BYTES_PER_MS = PROVIDER_RATE * 2 / 1000
+
+TRAITS = ProviderTraits(
+    input_format=AudioFormat(24_000),  # audio/pcm is 24 kHz only
+    output_format=AudioFormat(24_000),
+    server_turns=True,
+    manual_turns=True,
+    # After a commit it waits for response.create (server VAD answers by itself only
+    # because session.update sets create_response).
+    answers_by_itself=False,
+    can_truncate=True,
+    resume="replay",  # a session cannot be resumed: context is replayed as items
+)
+"""What OpenAI Realtime can do, as `OpenAIRealtimeAdapter.traits`."""
+
+_INPUT_FORMAT = {"type": "audio/pcm", "rate": TRAITS.input_format.rate}
+_OUTPUT_FORMAT = {"type": "audio/pcm", "rate": TRAITS.output_format.rate}
 
 # --- encoding ---------------------------------------------------------------------
 
@@ -72,13 +87,21 @@ def session_update(settings: ev.SessionSettings) -> dict[str, Any]:
         "instructions": settings.instructions,
         "audio": {
             "input": {
-                "format": _PCM_FORMAT,
+                "format": _INPUT_FORMAT,
                 "transcription": transcription,
                 "turn_detection": turn_detection,
             },
-            "output": {"format": _PCM_FORMAT, "voice": settings.voice},
+            "output": {"format": _OUTPUT_FORMAT, "voice": settings.voice},
         },
-        "tools": [dict(t) for t in settings.tools],
+        "tools": [
+            {
+                "type": "function",
+                "name": tool.name,
+                "description": tool.description,
+                "parameters": dict(tool.parameters),
+            }
+            for tool in settings.tools
+        ],
         "tool_choice": "auto",
     }
     return {"type": "session.update", "session": session}
@@ -102,24 +125,26 @@ def encode(command: ev.Command) -> dict[str, Any]:
                 "type": "input_audio_buffer.append",
                 "audio": base64.b64encode(pcm).decode("ascii"),
             }
-        case ev.CommitAudio():
-            return {"type": "input_audio_buffer.commit"}
-        case ev.ClearAudio():
+        case ev.StartTurn() | ev.DiscardTurn():
+            # A turn starts with an empty buffer; a discarded one leaves it empty.
             return {"type": "input_audio_buffer.clear"}
-        case ev.CreateResponse():
+        case ev.EndTurn():
+            return {"type": "input_audio_buffer.commit"}
+        case ev.RequestResponse():
             return {"type": "response.create"}
         case ev.CancelResponse():
             return {"type": "response.cancel"}
-        case ev.TruncateItem(item_id=item_id, audio_end_ms=end_ms):
+        case ev.TruncateItem(item_id=item_id, heard_ms=heard_ms):
             return {
                 "type": "conversation.item.truncate",
                 "item_id": item_id,
                 "content_index": 0,
-                "audio_end_ms": end_ms,
+                "audio_end_ms": heard_ms,
             }
         case ev.CreateMessage():
             return {"type": "conversation.item.create", "item": _message_item(command)}
-        case ev.CreateFunctionOutput(call_id=call_id, output=output):
+        case ev.ToolResult(call_id=call_id, output=output):
+            # The call id alone names the call here; the tool's name is not sent.
             item = {"type": "function_call_output", "call_id": call_id, "output": output}
             return {"type": "conversation.item.create", "item": item}
     raise TypeError(f"cannot encode {command!r}")
@@ -258,9 +283,28 @@ def _response_done(d: _Fields) -> ev.ServerEvent:
         response_id=response_id,
         status=response.text("status", "completed"),
         usage=response.opt_mapping("usage"),
-        status_details=response.opt_mapping("status_details"),
+        error_code=_failure_code(response.opt_mapping("status_details")),
         function_calls=calls,
     )
+
+
+def _failure_code(details: Mapping[str, Any] | None) -> str | None:
+    """`status_details.error.code` of a failed response, where the server says it."""
+    error = (details or {}).get("error")
+    if not isinstance(error, Mapping):
+        return None
+    code = error.get("code")
+    return None if code is None else str(code)
+
+
+_ERROR_KINDS: dict[str, ev.ErrorKind] = {
+    "response_cancel_not_active": "harmless",
+    "invalid_api_key": "auth",
+    "conversation_already_has_active_response": "busy",
+    "input_audio_buffer_commit_empty": "empty_turn",
+    "session_expired": "expired",
+}
+"""What the error codes the session acts on mean; any other code is `other`."""
 
 
 def _error(d: _Fields) -> ev.ServerEvent:
@@ -269,6 +313,7 @@ def _error(d: _Fields) -> ev.ServerEvent:
     return ev.ServerError(
         code=code,
         message=error.text("message", ""),
+        kind=_ERROR_KINDS.get(code, "other"),
         type=error.text("type", "error"),
         event_id=error.opt_text("event_id"),
         param=error.opt_text("param"),
@@ -414,6 +459,7 @@ class OpenAIRealtimeAdapter:
     """Opens OpenAI Realtime sessions over WebSocket."""
 
     name = "openai"
+    traits = TRAITS
 
     def __init__(
         self,
@@ -428,8 +474,14 @@ class OpenAIRealtimeAdapter:
         self.ping_interval_s = ping_interval_s
         self.ping_timeout_s = ping_timeout_s
 
-    async def connect(self, token: RealtimeToken, settings: ev.SessionSettings) -> OpenAIConnection:
-        """Open a session, configure it, and wait until the provider accepted it."""
+    async def connect(
+        self, token: RealtimeToken, settings: ev.SessionSettings, resume_handle: str | None = None
+    ) -> OpenAIConnection:
+        """Open a session, configure it, and wait until the provider accepted it.
+
+        OpenAI sessions cannot be resumed (`traits.resume` is "replay"): a
+        `resume_handle` never comes from this adapter and is ignored.
+        """
         try:
             ws = await websockets.connect(
                 realtime_url(self.url, self.model),
@@ -499,7 +551,7 @@ class OpenAIConnection:
             if isinstance(event, ev.SessionUpdated):
                 return
             if isinstance(event, ev.ServerError):
-                if event.code == "invalid_api_key":
+                if event.kind == "auth":
                     raise AuthenticationFailed(event.message or "invalid API key")
                 raise ConnectionFailed(f"session rejected: {event.code}: {event.message}")
             if not isinstance(event, ev.SessionReady | ev.Ignored):
@@ -513,17 +565,17 @@ class OpenAIConnection:
 
     def send(self, command: ev.Command) -> None:
         """Queue a command; appends go to the audio lane, the rest overtake them
-        (except a commit, which follows the audio it commits)."""
+        (except a turn's end, which follows the audio it commits)."""
         if isinstance(command, ev.AppendAudio):
             if len(self._audio) >= AUDIO_LANE_FRAMES:
                 self._drop_oldest_audio()
             self._audio.append((append_message(command.pcm), len(command.pcm)))
         else:
-            if isinstance(command, ev.CommitAudio):
+            if isinstance(command, ev.EndTurn):
                 # A commit must not overtake its turn's own audio.
                 self._control.extend(message for message, _ in self._audio)
                 self._audio.clear()
-            elif isinstance(command, ev.ClearAudio):
+            elif isinstance(command, ev.StartTurn | ev.DiscardTurn):
                 # Queued audio would be cleared anyway; sent after the clear, it would
                 # leak into the next turn's buffer.
                 self._audio.clear()
@@ -533,7 +585,7 @@ class OpenAIConnection:
     def _drop_oldest_audio(self) -> None:
         _, pcm_bytes = self._audio.popleft()
         self._dropped_bytes += pcm_bytes
-        self._drop_log.dropped(pcm_bytes / _BYTES_PER_MS)
+        self._drop_log.dropped(pcm_bytes / TRAITS.input_format.bytes_per_ms)
         if not self._drop_report_scheduled:
             # Told to the session after this send returns, not from inside it.
             self._drop_report_scheduled = True

@@ -57,10 +57,8 @@ import numpy as np
 import webrtcvad
 
 from ..config import VadConfig
+from ..events import MIN_COMMIT_MS
 from .base import VAD_RATE
-
-MIN_COMMIT_MS = 100
-"""Turns with less speech than this are dropped, never committed."""
 
 FRAME_MS_CHOICES = (10, 20, 30)
 """The frame lengths webrtcvad accepts."""
