@@ -30,6 +30,8 @@ from pydantic import (
     model_validator,
 )
 
+from harkd.adapters.registry import ProviderUnavailable, find_provider
+
 SEARCH_PATHS = (Path("config.yaml"), Path("/etc/harkd/config.yaml"))
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # Where harkd.service's LoadCredential= lines read from; what ${CREDENTIALS_DIRECTORY}
@@ -67,14 +69,18 @@ class ReconnectConfig(_Section):
 
 
 class RealtimeConfig(_Section):
-    """The realtime voice session."""
+    """The realtime voice session.
 
-    provider: Literal["openai"] = "openai"
-    url: str = "wss://api.openai.com/v1/realtime"
-    model: str = "gpt-realtime"
+    `url`, `model` and `voice` left out (or null) are the provider's defaults, filled
+    in here so that `check-config` shows what will be used.
+    """
+
+    provider: str = "openai"
+    url: str | None = None
+    model: str | None = None
     api_key: SecretStr | None = None
     api_key_file: Path | None = None
-    voice: str = "marin"
+    voice: str | None = None
     instructions: str = "You are a helpful voice assistant in a home."
     turn_detection: Literal["server_vad", "semantic_vad", "manual"] = "server_vad"
     transcription_model: str | None = "gpt-4o-mini-transcribe"
@@ -85,11 +91,36 @@ class RealtimeConfig(_Section):
     replay_messages: Annotated[int, Field(ge=0, le=100)] = 12
     ping_interval_s: Annotated[float, Field(gt=0, le=300)] = 20.0
     ping_timeout_s: Annotated[float, Field(gt=0, le=300)] = 20.0
+    # Beyond DESIGN.md: connect with short-lived client secrets minted from the key
+    # (true: at the REST API of `url`'s host; or the http(s):// base URL to mint at).
+    ephemeral_tokens: bool | Annotated[str, Field(pattern=r"^https?://")] = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _provider_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        try:
+            provider = find_provider(data.get("provider", "openai"))
+        except (ProviderUnavailable, TypeError):
+            return data  # the `provider` field's own check names the problem
+        defaults = {"url": provider.url, "model": provider.model, "voice": provider.voice}
+        filled = {key: value for key, value in defaults.items() if data.get(key) is None}
+        return {**data, **filled}
+
+    @field_validator("provider")
+    @classmethod
+    def _known_provider(cls, name: str) -> str:
+        try:
+            find_provider(name)
+        except ProviderUnavailable as exc:
+            raise ValueError(str(exc)) from None
+        return name
 
     @field_validator("url")
     @classmethod
-    def _websocket_url(cls, url: str) -> str:
-        if not url.startswith(("ws://", "wss://")):
+    def _websocket_url(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("ws://", "wss://")):
             raise ValueError(f"expected a ws:// or wss:// URL, got {url!r}")
         return url
 
@@ -197,6 +228,13 @@ class Config(_Section):
             raise ValueError("mqtt: give password or password_file, not both")
         if r.reconnect.initial_delay_s > r.reconnect.max_delay_s:
             raise ValueError("realtime.reconnect.initial_delay_s: must not exceed max_delay_s")
+        provider = find_provider(r.provider)
+        if r.voice is None:
+            raise ValueError(f"realtime.voice: required for provider {r.provider} (no default)")
+        if r.ephemeral_tokens is not False and provider.mint_tokens is None:
+            raise ValueError(
+                f"realtime.ephemeral_tokens: provider {r.provider} has no ephemeral tokens"
+            )
         return self
 
     def api_key(self) -> str | None:
@@ -353,12 +391,14 @@ def _check_state(config: Config, sections: Collection[str] | None = None) -> lis
             path = getattr(tls, name)
             if path is not None and not os.access(path, os.R_OK):
                 problems.append(f"mqtt.tls.{name}: cannot read {path}")
-    missing_key = config.realtime.api_key is None and config.realtime.api_key_file is None
+    realtime = config.realtime
+    missing_key = realtime.api_key is None and realtime.api_key_file is None
     wants_key = sections is None or "realtime" in sections
-    if wants_key and config.realtime.provider == "openai" and missing_key:
+    if wants_key and missing_key and find_provider(realtime.provider).needs_api_key:
+        variable = f"{realtime.provider.upper()}_API_KEY"
         problems.append(
-            "realtime.api_key: required for provider openai "
-            "(set api_key, e.g. ${OPENAI_API_KEY}, or api_key_file)"
+            f"realtime.api_key: required for provider {realtime.provider} "
+            f"(set api_key, e.g. ${{{variable}}}, or api_key_file)"
         )
     return problems
 
@@ -449,4 +489,5 @@ def _describe(error: Mapping[str, Any]) -> str:
 
 def _is_union_tag(part: Any) -> bool:
     # pydantic puts the union member's name in the location (`tls.bool`, `tls.TlsFiles`).
-    return isinstance(part, str) and (part in {"bool", "TlsFiles", "str", "none"} or "[" in part)
+    tags = {"bool", "TlsFiles", "str", "constrained-str", "none"}
+    return isinstance(part, str) and (part in tags or "[" in part)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from harkd.adapters.openai import openai_realtime
+from harkd.adapters.registry import build_adapter, token_source
 from harkd.audio import open_input, open_output
 from harkd.backoff import Backoff
 from harkd.client import RealtimeClient, ReconnectPolicy
@@ -39,7 +39,6 @@ from harkd.messages import (
 from harkd.mqtt import MqttBridge
 from harkd.plugins import BackgroundTask, LoadedPlugins, PluginHost, load_plugins
 from harkd.systemd import LoopLagProbe, SystemdNotifier, run_watchdog, watchdog_interval_s
-from harkd.tokens import static_token
 
 log = logging.getLogger(__name__)
 
@@ -400,11 +399,10 @@ def _build_client(config: Config) -> RealtimeClient:
     key = config.api_key() or ""
     register_secret(key)
     modes = {"server_vad": "server", "semantic_vad": "semantic", "manual": "manual"}
+    assert rt.voice is not None  # the config filled in the provider's default or refused
     return RealtimeClient(
-        get_token=static_token(key),
-        adapter=openai_realtime(
-            rt.model, rt.url, ping_interval_s=rt.ping_interval_s, ping_timeout_s=rt.ping_timeout_s
-        ),
+        get_token=token_source(rt, key),
+        adapter=build_adapter(rt),
         vad_mode=modes[rt.turn_detection],  # type: ignore[arg-type]
         instructions=rt.instructions,
         voice=rt.voice,

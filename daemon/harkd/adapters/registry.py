@@ -1,0 +1,132 @@
+"""Realtime providers by name: the built-in ones and those other packages add through
+the entry-point group `harkd.providers`.
+
+Nothing here imports an adapter: a provider's module is imported only when an
+adapter is built for it, so `harkd --help` and `check-config` do not load websockets.
+A built-in name wins over an entry point of the same name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import EntryPoint, entry_points
+from typing import TYPE_CHECKING
+
+from harkd.tokens import EphemeralTokens, TokenSource, http_base, static_token
+
+if TYPE_CHECKING:
+    from harkd.adapters.base import RealtimeAdapter
+    from harkd.config import RealtimeConfig
+
+ENTRY_POINT_GROUP = "harkd.providers"
+
+AdapterFactory = Callable[["RealtimeConfig"], "RealtimeAdapter"]
+"""What an entry point of group `harkd.providers` names: config section -> adapter."""
+TokenMinter = Callable[[str, "RealtimeConfig"], TokenSource]
+"""API key and config section -> a source of short-lived client secrets."""
+
+
+class ProviderUnavailable(Exception):
+    """A named provider that is not known, or whose entry point cannot be loaded."""
+
+
+@dataclass(frozen=True)
+class Provider:
+    """What the daemon knows about a provider before importing its adapter."""
+
+    name: str
+    build: AdapterFactory
+    url: str | None = None
+    """Default for `realtime.url`; None: the adapter picks (or needs none)."""
+    model: str | None = None
+    """Default for `realtime.model`."""
+    voice: str | None = None
+    """Default for `realtime.voice`; without one the config must name a voice."""
+    needs_api_key: bool = False
+    """`realtime.api_key` (or `api_key_file`) is required."""
+    mint_tokens: TokenMinter | None = None
+    """How `realtime.ephemeral_tokens` gets client secrets; None: not supported."""
+
+
+OPENAI_URL = "wss://api.openai.com/v1/realtime"
+OPENAI_MODEL = "gpt-realtime"
+OPENAI_VOICE = "marin"
+
+
+def _openai(config: RealtimeConfig) -> RealtimeAdapter:
+    from harkd.adapters.openai import OpenAIRealtimeAdapter
+
+    return OpenAIRealtimeAdapter(
+        config.model or OPENAI_MODEL,
+        config.url or OPENAI_URL,
+        ping_interval_s=config.ping_interval_s,
+        ping_timeout_s=config.ping_timeout_s,
+    )
+
+
+def _openai_secrets(api_key: str, config: RealtimeConfig) -> TokenSource:
+    base = config.ephemeral_tokens if isinstance(config.ephemeral_tokens, str) else None
+    return EphemeralTokens(
+        api_key, base or http_base(config.url or OPENAI_URL), config.model or OPENAI_MODEL
+    )
+
+
+BUILTIN: dict[str, Provider] = {
+    "openai": Provider(
+        "openai",
+        _openai,
+        url=OPENAI_URL,
+        model=OPENAI_MODEL,
+        voice=OPENAI_VOICE,
+        needs_api_key=True,
+        mint_tokens=_openai_secrets,
+    ),
+}
+
+
+def _entry_points() -> dict[str, EntryPoint]:
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def provider_names() -> list[str]:
+    """Every provider name config.yaml may give, sorted."""
+    return sorted({*BUILTIN, *_entry_points()})
+
+
+def find_provider(name: str) -> Provider:
+    """The provider called `name`; a third-party one's factory is imported here.
+
+    Raises `ProviderUnavailable` (its text fit for `realtime.provider: ...`).
+    """
+    if name in BUILTIN:
+        return BUILTIN[name]
+    entry = _entry_points().get(name)
+    if entry is None:
+        known = ", ".join(provider_names())
+        raise ProviderUnavailable(f"unknown provider {name!r} (known: {known})")
+    try:
+        factory = entry.load()
+    except Exception as exc:  # a third party's import can fail in any way
+        raise ProviderUnavailable(
+            f"provider {name!r}: cannot load {entry.value}: {type(exc).__name__}: {exc}"
+        ) from exc
+    if not callable(factory):
+        raise ProviderUnavailable(f"provider {name!r}: {entry.value} is not callable")
+    return Provider(name, factory)
+
+
+def build_adapter(config: RealtimeConfig) -> RealtimeAdapter:
+    """The adapter for `config.provider`, built from its config section."""
+    return find_provider(config.provider).build(config)
+
+
+def token_source(config: RealtimeConfig, api_key: str) -> TokenSource:
+    """The credential the adapter connects with: the key itself, or client secrets
+    minted from it when `realtime.ephemeral_tokens` asks."""
+    if config.ephemeral_tokens is False:
+        return static_token(api_key)
+    minter = find_provider(config.provider).mint_tokens
+    if minter is None:
+        raise ProviderUnavailable(f"provider {config.provider!r} has no ephemeral tokens")
+    return minter(api_key, config)
