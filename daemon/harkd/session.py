@@ -572,7 +572,7 @@ class Session:
         return []
 
     def _note_call(self, response: _Response, event: ev.FunctionCallDone) -> None:
-        # `function_call_arguments.done` and `response.done` both carry the call: once.
+        # A call may come on its own and again with its response's end: note it once.
         if event.call_id in response.calls:
             return
         response.calls[event.call_id] = ToolCall(event.call_id, event.name, event.arguments)
