@@ -13,7 +13,8 @@ from harkd.adapters.base import RealtimeAdapter, RealtimeConnection
 from harkd.adapters.openai import openai_realtime
 from harkd.audio.base import AudioFrame
 from harkd.audio.wav import WavInput
-from harkd.client import RealtimeClient, ReconnectPolicy
+from harkd.backoff import Backoff
+from harkd.client import RealtimeClient
 from harkd.events import AppendAudio, Command, ServerEvent, SessionSettings, Unknown
 from harkd.messages import RealtimeStatus, RealtimeToken
 from harkd.testing import FakeRealtimeServer, validate_client_event
@@ -27,7 +28,7 @@ def fake_client(server: FakeRealtimeServer, key: str, **options: Any) -> Realtim
         "adapter": openai_realtime(url=server.url),
         "instructions": "Be brief.",
         "transcription_model": "gpt-4o-mini-transcribe",
-        "reconnect": ReconnectPolicy(0.05, 0.2),
+        "reconnect": Backoff(0.05, 0.2),
     }
     return RealtimeClient(**{**defaults, **options})
 

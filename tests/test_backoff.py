@@ -40,7 +40,7 @@ def test_jitter_draws_from_the_top_fraction_of_each_ceiling() -> None:
 
 
 def test_default_jitter_stays_within_half_to_full_ceiling() -> None:
-    # What the client's ReconnectPolicy(initial, max).delay(attempt) promised.
+    # The realtime client's reconnects: 50-100 % of the exponential ceiling.
     backoff = Backoff(1.0, 30.0)
     for attempt in range(12):
         ceiling = min(30.0, 2.0**attempt)

@@ -11,7 +11,8 @@ import pytest
 
 from e2e import assert_all_valid, fake_client, sent_types, until
 from harkd.adapters.openai import openai_realtime
-from harkd.client import RealtimeClient, ReconnectPolicy
+from harkd.backoff import Backoff
+from harkd.client import RealtimeClient
 from harkd.messages import (
     AudioPart,
     MessageFinalized,
@@ -141,7 +142,7 @@ async def test_rollover_before_the_session_limit(server: FakeRealtimeServer) -> 
 
 async def test_provider_session_limit_reconnects_at_once() -> None:
     async with FakeRealtimeServer(api_keys={KEY}, max_session_s=0.3) as server:
-        client = make_client(server, reconnect=ReconnectPolicy(5, 10))  # backoff not used
+        client = make_client(server, reconnect=Backoff(5, 10))  # backoff not used
         await client.connect()
         await until(lambda: len(server.sessions) >= 2, timeout_s=3, what="new session")
         await until(lambda: client.status is RealtimeStatus.CONNECTED)

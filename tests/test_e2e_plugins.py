@@ -22,7 +22,8 @@ import pytest
 
 from e2e import assert_all_valid, sent_types, until
 from harkd.adapters.openai import openai_realtime
-from harkd.client import RealtimeClient, ReconnectPolicy
+from harkd.backoff import Backoff
+from harkd.client import RealtimeClient
 from harkd.config import DeviceConfig, MqttConfig
 from harkd.messages import RealtimeStatus, ToolCallFinished
 from harkd.mqtt import MqttBridge
@@ -102,7 +103,7 @@ async def daemon(
             get_token=static_token(KEY),
             adapter=openai_realtime(url=server.url),
             instructions="Be brief.",
-            reconnect=ReconnectPolicy(0.05, 0.2),
+            reconnect=Backoff(0.05, 0.2),
         )
         mqtt = MqttConfig(host=broker.host, port=broker.port, discovery_prefix=None)
         bridge = MqttBridge(mqtt, DeviceConfig(id="kitchen"), None, client)

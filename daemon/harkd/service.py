@@ -22,7 +22,7 @@ from typing import Any
 from harkd.adapters.registry import build_adapter, token_source
 from harkd.audio import open_input, open_output
 from harkd.backoff import Backoff
-from harkd.client import RealtimeClient, ReconnectPolicy
+from harkd.client import RealtimeClient
 from harkd.config import Config, ConfigError, load_config
 from harkd.journal import TranscriptJournal
 from harkd.logsetup import configure_logging, register_secret
@@ -207,7 +207,7 @@ class Daemon:
                     backoff.reset()  # it had been working: a new failure, not a crash loop
                 delay = backoff.next()
                 log.exception("%s failed; restarting in %.0f s", name, delay)
-                self.client.report_failure(name, f"{type(exc).__name__}: {exc}")
+                self.client.problems.report_failure(name, f"{type(exc).__name__}: {exc}")
             finally:
                 if recovery is not None:
                     recovery.cancel()
@@ -216,7 +216,9 @@ class Daemon:
                 part.alive = True  # running again: the watchdog may ping
             # The error stays shown until the part has stayed up, so B/error does not
             # flap clear-and-set through a crash loop.
-            recovery = loop.call_later(RECOVERED_AFTER_S, self.client.report_recovered, name)
+            recovery = loop.call_later(
+                RECOVERED_AFTER_S, self.client.problems.report_recovered, name
+            )
 
     # --- MQTT and plugins -------------------------------------------------------------
 
@@ -412,7 +414,7 @@ def _build_client(config: Config) -> RealtimeClient:
         barge_in=config.audio.barge_in,
         echo_tail_ms=config.audio.echo_tail_ms,
         vad=config.vad,
-        reconnect=ReconnectPolicy(rt.reconnect.initial_delay_s, rt.reconnect.max_delay_s),
+        reconnect=Backoff(rt.reconnect.initial_delay_s, rt.reconnect.max_delay_s),
         rollover_s=rt.rollover_s,
         replay_messages=rt.replay_messages,
         volume=config.audio.output.volume,

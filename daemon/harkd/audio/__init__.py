@@ -7,10 +7,13 @@ name an ALSA PCM (`harkd.audio.alsa`, imported only then).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from harkd.audio.base import AudioInput, AudioOutput
 from harkd.config import AudioInputConfig, AudioOutputConfig
+
+log = logging.getLogger(__name__)
 
 FILE_PREFIX = "file:"
 
@@ -43,4 +46,14 @@ def open_output(cfg: AudioOutputConfig) -> AudioOutput:
     return AlsaOutput(cfg.device, rate=cfg.rate, volume=cfg.volume)
 
 
-__all__ = ["AudioInput", "AudioOutput", "open_input", "open_output"]
+async def stop_devices(*devices: AudioInput | AudioOutput | None) -> None:
+    """Stop each device; one that fails to stop is logged and the rest still stop."""
+    for device in devices:
+        if device is not None:
+            try:
+                await device.stop()
+            except Exception:
+                log.exception("stopping %s failed", device.name)
+
+
+__all__ = ["AudioInput", "AudioOutput", "open_input", "open_output", "stop_devices"]

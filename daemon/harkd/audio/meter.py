@@ -17,6 +17,7 @@ from collections import deque
 import numpy as np
 
 from harkd.audio.base import MeterReading
+from harkd.messages import AudioVisualization
 
 WINDOW = 1024
 """Samples analysed for the spectrum and the time-domain view."""
@@ -139,3 +140,17 @@ def _band_edges(sample_rate: int, bins: int, window: int) -> list[tuple[int, int
         hi = max(lo + 1, int(math.ceil(edges[i + 1])))
         bands.append((lo, min(hi, count)))
     return bands
+
+
+def visualization(mic: MeterReading, speaker: MeterReading) -> AudioVisualization:
+    """The seed's `AudioVisualization` from a microphone and a speaker reading."""
+    return AudioVisualization(
+        input_level=mic.level,
+        output_level=speaker.level,
+        input_frequency_data=mic.frequency,
+        output_frequency_data=speaker.frequency,
+        input_time_domain_data=mic.time_domain,
+        output_time_domain_data=speaker.time_domain,
+        input_sample_rate=mic.sample_rate,
+        output_sample_rate=speaker.sample_rate,
+    )

@@ -1,0 +1,191 @@
+"""The capture pipeline: small stages between the microphone and the provider.
+
+    meter -> (conditioning: echo cancel) -> gate -> resample to 16 kHz
+          -> (analysis: wake word) -> endpointer -> provider rate
+
+Every stage is a plain object that takes an `AudioFrame` (which carries its own
+sample rate) and hands one on, or None to stop it there; none does I/O or touches the
+event loop, so each is unit-tested with arrays. The provider-rate stage converts the
+gated frame itself, not the 16 kHz analysis copy, so the provider hears the full band.
+
+`CapturePipeline.push` returns what the client must do with one captured frame: PCM to
+stream now (the server decides turns), or the endpointer's turn events (the device
+decides turns). Stages marked `heavy` (inference, echo cancellation) make the whole
+push run in a worker thread, off the event loop; numpy and the models release the GIL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from harkd.audio.base import VAD_RATE, AudioFrame
+from harkd.audio.meter import LevelMeter
+from harkd.audio.resample import StreamResampler
+from harkd.audio.vad import Endpointer, VadEvent
+
+VAD_FRAME_MS = 20
+"""The endpointer's frame: webrtcvad takes whole 10, 20 or 30 ms frames."""
+
+CaptureOutput = bytes | VadEvent
+"""PCM (at the provider's rate) to stream now, or a turn event of the endpointer."""
+
+
+class Stage(Protocol):
+    """One step of the pipeline."""
+
+    heavy: bool
+    """True when the stage costs more than a fraction of a millisecond per frame."""
+
+    def process(self, frame: AudioFrame) -> AudioFrame | None:
+        """The frame for the next stage, or None when nothing goes on."""
+
+
+class Meter:
+    """Feeds the input level meter (audio visualization) with every captured frame."""
+
+    heavy = False
+
+    def __init__(self, sample_rate: int) -> None:
+        self.meter = LevelMeter(sample_rate)
+
+    def process(self, frame: AudioFrame) -> AudioFrame:
+        """Measure and pass on."""
+        self.meter.feed(frame.pcm, frame.captured_at)
+        return frame
+
+
+class Gate:
+    """Mute and half duplex: while `is_shut()` no audio goes on."""
+
+    heavy = False
+
+    def __init__(self, is_shut: Callable[[], bool]) -> None:
+        self._is_shut = is_shut
+        self.shut = False
+        """Whether the last frame was held back."""
+
+    def process(self, frame: AudioFrame) -> AudioFrame | None:
+        """Pass the frame, or hold it back while shut."""
+        self.shut = self._is_shut()
+        return None if self.shut else frame
+
+
+class Resample:
+    """Converts frames to `rate` (a streaming resampler: no clicks at frame joins)."""
+
+    heavy = False
+
+    def __init__(self, in_rate: int, rate: int) -> None:
+        self.rate = rate
+        self._resampler = StreamResampler(in_rate, rate)
+        self._passthrough = self._resampler.passthrough  # asked 50 times a second
+
+    def process(self, frame: AudioFrame) -> AudioFrame:
+        """The frame at `rate` (the same object when no conversion is needed)."""
+        if self._passthrough:
+            return frame
+        return AudioFrame(self._resampler.process(frame.pcm), self.rate, frame.captured_at)
+
+
+class Endpoint:
+    """The local VAD deciding turns, fed whole 16 kHz frames.
+
+    Frames arrive in the microphone's period; webrtcvad wants exactly 20 ms, so the
+    stage regroups them, and the provider-rate payload rides along with the VAD frame
+    it ends in.
+    """
+
+    def __init__(self, endpointer: Endpointer) -> None:
+        self.endpointer = endpointer
+        self._frame_bytes = VAD_RATE * VAD_FRAME_MS // 1000 * 2
+        self._pending = b""
+        self._payload = b""
+
+    def process(self, frame16k: AudioFrame, payload: bytes) -> list[VadEvent]:
+        """Turn events for this frame (often none)."""
+        self._pending += frame16k.pcm
+        self._payload += payload
+        events: list[VadEvent] = []
+        while len(self._pending) >= self._frame_bytes:
+            chunk = self._pending[: self._frame_bytes]
+            self._pending = self._pending[self._frame_bytes :]
+            payload, self._payload = self._payload, b""
+            events += self.endpointer.process(chunk, payload)
+        return events
+
+    def gate_shut(self) -> None:
+        """The gate closed: what the VAD heard before the assistant spoke is no
+        preroll for what the user says after it."""
+        if not self.endpointer.is_open:
+            self.endpointer.reset()
+
+
+@dataclass
+class CapturePipeline:
+    """The stages, in order, for one microphone."""
+
+    meter: Meter
+    gate: Gate
+    to_analysis: Resample
+    to_provider: Resample
+    endpoint: Endpoint | None = None
+    conditioning: Sequence[Stage] = ()
+    """Between the meter and the gate (echo cancellation)."""
+    analysis: Sequence[Stage] = ()
+    """On the 16 kHz frame, before the endpointer (wake word)."""
+
+    @property
+    def off_loop(self) -> bool:
+        """Whether `push` should run in a worker thread."""
+        return any(stage.heavy for stage in (*self.conditioning, *self.analysis))
+
+    def push(self, frame: AudioFrame) -> Sequence[CaptureOutput]:
+        """Everything one captured frame leads to, in order."""
+        self.meter.process(frame)
+        conditioned: AudioFrame | None = frame
+        for stage in self.conditioning:
+            if conditioned is None:
+                return ()
+            conditioned = stage.process(conditioned)
+        was_shut = self.gate.shut
+        gated = None if conditioned is None else self.gate.process(conditioned)
+        if gated is None:
+            if self.gate.shut and not was_shut and self.endpoint is not None:
+                self.endpoint.gate_shut()
+            return ()
+        analysed: AudioFrame | None = None
+        if self.analysis or self.endpoint is not None:
+            analysed = self.to_analysis.process(gated)
+            for stage in self.analysis:
+                if analysed is None:
+                    return ()
+                analysed = stage.process(analysed)
+        payload = self.to_provider.process(gated).pcm
+        if self.endpoint is None:
+            return (payload,) if payload else ()
+        if analysed is None:
+            return ()
+        return self.endpoint.process(analysed, payload)
+
+
+def capture_pipeline(
+    input_rate: int,
+    provider_rate: int,
+    *,
+    is_shut: Callable[[], bool],
+    endpoint: Endpoint | None = None,
+    conditioning: Sequence[Stage] = (),
+    analysis: Sequence[Stage] = (),
+) -> CapturePipeline:
+    """The pipeline for a microphone at `input_rate`, assembled in one place."""
+    return CapturePipeline(
+        meter=Meter(input_rate),
+        gate=Gate(is_shut),
+        to_analysis=Resample(input_rate, VAD_RATE),
+        to_provider=Resample(input_rate, provider_rate),
+        endpoint=endpoint,
+        conditioning=conditioning,
+        analysis=analysis,
+    )

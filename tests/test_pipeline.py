@@ -1,0 +1,137 @@
+"""The capture pipeline's stages, one at a time and together, with plain arrays."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator
+
+import numpy as np
+
+from harkd.audio.base import AudioFrame, DeviceListener
+from harkd.audio.pipeline import (
+    Endpoint,
+    Gate,
+    Meter,
+    Resample,
+    capture_pipeline,
+)
+from harkd.audio.vad import Endpointer, TurnOpened
+from harkd.capture import Capture
+from harkd.config import VadConfig
+from harkd.session import Session
+
+
+def tone(rate: int, ms: int, level: float = 0.3, hz: float = 440.0) -> AudioFrame:
+    t = np.arange(rate * ms // 1000) / rate
+    pcm = (np.sin(2 * np.pi * hz * t) * level * 32767).astype("<i2").tobytes()
+    return AudioFrame(pcm, rate, time.monotonic())
+
+
+def silence(rate: int, ms: int) -> AudioFrame:
+    return AudioFrame(bytes(rate * ms // 1000 * 2), rate, 0.0)
+
+
+def test_meter_measures_and_passes_the_frame_on() -> None:
+    meter = Meter(16_000)
+    frame = tone(16_000, 20, level=0.5)
+    assert meter.process(frame) is frame
+    assert 0.3 < meter.meter.reading().level < 0.4  # RMS of a 0.5 sine
+
+
+def test_gate_holds_frames_back_while_shut() -> None:
+    shut = [False]
+    gate = Gate(lambda: shut[0])
+    frame = tone(16_000, 20)
+    assert gate.process(frame) is frame
+    shut[0] = True
+    assert gate.process(frame) is None and gate.shut
+
+
+def test_resample_carries_the_new_rate_and_passes_through_at_the_same_rate() -> None:
+    up = Resample(16_000, 24_000)
+    out = [up.process(tone(16_000, 20)) for _ in range(10)]
+    assert all(frame.sample_rate == 24_000 for frame in out)
+    assert (
+        abs(sum(len(f.pcm) for f in out) - 24_000 * 2 * 200 // 1000) <= 2 * 320
+    )  # the streaming filter holds back a few ms
+    same = Resample(24_000, 24_000)
+    frame = tone(24_000, 20)
+    assert same.process(frame) is frame
+
+
+def test_endpoint_regroups_any_period_into_whole_vad_frames() -> None:
+    endpoint = Endpoint(Endpointer(VadConfig()))
+    # 30 ms periods: 1.5 VAD frames each; nothing is lost or split wrongly.
+    for _ in range(20):
+        endpoint.process(silence(16_000, 30), b"p" * 10)
+    assert len(endpoint._pending) < endpoint._frame_bytes
+
+
+def test_server_mode_streams_the_gated_frame_at_the_provider_rate() -> None:
+    shut = [False]
+    pipeline = capture_pipeline(16_000, 24_000, is_shut=lambda: shut[0])
+    sent = b"".join(out for _ in range(50) for out in pipeline.push(tone(16_000, 20)))
+    assert (
+        abs(len(sent) - 24_000 * 2) <= 2 * 240
+    )  # the streaming filter holds back a few ms  # one second at 24 kHz
+    shut[0] = True
+    assert pipeline.push(tone(16_000, 20)) == ()
+
+
+def test_manual_mode_opens_a_turn_on_speech() -> None:
+    endpoint = Endpoint(Endpointer(VadConfig(start_ms=60)))
+    pipeline = capture_pipeline(16_000, 24_000, is_shut=lambda: False, endpoint=endpoint)
+    outputs = [o for _ in range(15) for o in pipeline.push(silence(16_000, 20))]
+    assert outputs == []  # silence: nothing leaves
+    voice = [o for _ in range(30) for o in pipeline.push(tone(16_000, 20, hz=300))]
+    opened = [o for o in voice if isinstance(o, TurnOpened)]
+    assert len(opened) == 1 and opened[0].preroll  # with its preroll, at 24 kHz
+
+
+class ThreadRecorder:
+    """A heavy analysis stage that notes which thread it ran on."""
+
+    heavy = True
+
+    def __init__(self) -> None:
+        self.threads: set[int] = set()
+
+    def process(self, frame: AudioFrame) -> AudioFrame:
+        self.threads.add(threading.get_ident())
+        return frame
+
+
+class Frames:
+    sample_rate = 16_000
+    name = "frames"
+
+    def __init__(self, count: int) -> None:
+        self._count = count
+
+    async def start(self, listener: DeviceListener) -> None:
+        pass
+
+    async def frames(self) -> AsyncIterator[AudioFrame]:
+        for _ in range(self._count):
+            yield silence(16_000, 20)
+            await asyncio.sleep(0)
+
+    async def stop(self) -> None:
+        pass
+
+
+async def test_heavy_stages_run_off_the_event_loop() -> None:
+    heavy = ThreadRecorder()
+    session = Session("manual")
+    capture = Capture(
+        session,
+        lambda effects: None,
+        lambda: None,
+        provider_rate=24_000,
+        vad=VadConfig(),
+        analysis=(heavy,),
+    )
+    await capture.run(Frames(5))
+    assert heavy.threads and threading.get_ident() not in heavy.threads
