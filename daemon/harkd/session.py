@@ -24,6 +24,7 @@ from typing import Any, TypeAlias, TypeVar
 
 from harkd import events as ev
 from harkd.adapters.base import AudioFormat, ProviderTraits
+from harkd.audio.base import PROVIDER_RATE
 from harkd.messages import (
     AudioPart,
     ClientEvent,
@@ -46,8 +47,8 @@ from harkd.tools import ToolCall, ToolOutcome
 log = logging.getLogger(__name__)
 
 DEFAULT_TRAITS = ProviderTraits(
-    input_format=AudioFormat(24_000),
-    output_format=AudioFormat(24_000),
+    input_format=AudioFormat(PROVIDER_RATE),
+    output_format=AudioFormat(PROVIDER_RATE),
     server_turns=True,
     manual_turns=True,
     answers_by_itself=False,

@@ -34,6 +34,7 @@ from harkd.adapters.base import (
     ProtocolError,
     ProviderTraits,
 )
+from harkd.audio.base import PROVIDER_RATE
 from harkd.messages import RealtimeToken
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,8 @@ AUDIO_LANE_FRAMES = 250
 """Appends queued behind a slow socket before the oldest is dropped: ~5 s of 20 ms frames."""
 
 TRAITS = ProviderTraits(
-    input_format=AudioFormat(24_000),  # audio/pcm is 24 kHz only
-    output_format=AudioFormat(24_000),
+    input_format=AudioFormat(PROVIDER_RATE),  # audio/pcm is 24 kHz only
+    output_format=AudioFormat(PROVIDER_RATE),
     server_turns=True,
     manual_turns=True,
     # After a commit it waits for response.create (server VAD answers by itself only

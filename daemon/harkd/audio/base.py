@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 PROVIDER_RATE = 24_000
-"""The provider's PCM16 rate: what is appended and what response audio comes in."""
+"""The one definition of 24 kHz PCM16: OpenAI Realtime's only rate, the default of the
+session's traits, and what speakers are fed unless an adapter says otherwise."""
 
 VAD_RATE = 16_000
 """The rate webrtcvad (and wake-word engines) work at."""
