@@ -73,7 +73,7 @@ class InstantSpeaker:
     """An `AudioOutput` that plays everything at once and drains on the next tick."""
 
     name = "instant"
-    sample_rate = 24000
+    sample_rate = source_rate = 24000
 
     def __init__(self) -> None:
         self._played: dict[str, int] = {}

@@ -396,7 +396,7 @@ class AwaySpeaker:
     """An output whose device is lost: it keeps what it is given and plays nothing,
     until the test gives up on it as the ALSA output does after its hold time."""
 
-    sample_rate = 24_000
+    sample_rate = source_rate = 24_000
     name = "away"
     is_playing = False
 

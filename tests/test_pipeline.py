@@ -6,9 +6,13 @@ import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import numpy as np
+import pytest
 
+from harkd.adapters.base import AudioFormat
+from harkd.adapters.openai import openai_realtime
 from harkd.audio.base import AudioFrame, DeviceListener
 from harkd.audio.pipeline import (
     Endpoint,
@@ -18,9 +22,12 @@ from harkd.audio.pipeline import (
     capture_pipeline,
 )
 from harkd.audio.vad import Endpointer, TurnOpened
+from harkd.audio.wav import NullOutput
 from harkd.capture import Capture
+from harkd.client import RealtimeClient
 from harkd.config import VadConfig
 from harkd.session import Session
+from harkd.tokens import static_token
 
 
 def tone(rate: int, ms: int, level: float = 0.3, hz: float = 440.0) -> AudioFrame:
@@ -135,3 +142,15 @@ async def test_heavy_stages_run_off_the_event_loop() -> None:
     )
     await capture.run(Frames(5))
     assert heavy.threads and threading.get_ident() not in heavy.threads
+
+
+def test_a_speaker_fed_at_another_rate_than_the_provider_speaks_is_refused() -> None:
+    adapter = openai_realtime()
+    RealtimeClient(get_token=static_token("k"), adapter=adapter, audio_output=NullOutput())
+    adapter.traits = replace(adapter.traits, output_format=AudioFormat(16_000))
+    with pytest.raises(ValueError, match="takes 24000 Hz audio; the provider speaks at 16000 Hz"):
+        RealtimeClient(get_token=static_token("k"), adapter=adapter, audio_output=NullOutput())
+    # Fed at the provider's rate, it plays (and resamples to its own rate itself).
+    RealtimeClient(
+        get_token=static_token("k"), adapter=adapter, audio_output=NullOutput(source_rate=16_000)
+    )

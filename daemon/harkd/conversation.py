@@ -49,6 +49,11 @@ class Conversation:
         speaker_quiet: Callable[[], None],
         replay_messages: int,
     ) -> None:
+        if output is not None and output.source_rate != traits.output_format.rate:
+            raise ValueError(
+                f"the speaker {output.name} takes {output.source_rate} Hz audio; "
+                f"the provider speaks at {traits.output_format.rate} Hz"
+            )
         self._runner = ToolRunner(tools)
         self.settings = replace(settings, tools=tuple(self._runner.schemas()))
         """What the next session is configured with."""

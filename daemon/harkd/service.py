@@ -402,15 +402,16 @@ def _build_client(config: Config) -> RealtimeClient:
     register_secret(key)
     modes = {"server_vad": "server", "semantic_vad": "semantic", "manual": "manual"}
     assert rt.voice is not None  # the config filled in the provider's default or refused
+    adapter = build_adapter(rt)
     return RealtimeClient(
         get_token=token_source(rt, key),
-        adapter=build_adapter(rt),
+        adapter=adapter,
         vad_mode=modes[rt.turn_detection],  # type: ignore[arg-type]
         instructions=rt.instructions,
         voice=rt.voice,
         transcription_model=rt.transcription_model,
         audio_input=open_input(config.audio.input),
-        audio_output=open_output(config.audio.output),
+        audio_output=open_output(config.audio.output, adapter.traits.output_format.rate),
         barge_in=config.audio.barge_in,
         echo_tail_ms=config.audio.echo_tail_ms,
         vad=config.vad,

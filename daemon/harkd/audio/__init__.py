@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from harkd.audio.base import AudioInput, AudioOutput
+from harkd.audio.base import PROVIDER_RATE, AudioInput, AudioOutput
 from harkd.config import AudioInputConfig, AudioOutputConfig
 
 log = logging.getLogger(__name__)
@@ -30,20 +30,21 @@ def open_input(cfg: AudioInputConfig) -> AudioInput:
     return AlsaInput(cfg.device, rate=cfg.rate, period_ms=cfg.period_ms, channel=cfg.channel)
 
 
-def open_output(cfg: AudioOutputConfig) -> AudioOutput:
-    """The speaker `cfg` names (nothing is opened before `start`)."""
+def open_output(cfg: AudioOutputConfig, source_rate: int = PROVIDER_RATE) -> AudioOutput:
+    """The speaker `cfg` names, fed at `source_rate` (the provider's output format);
+    nothing is opened before `start`."""
     if cfg.device is None:
         from harkd.audio.wav import NullOutput
 
-        return NullOutput(rate=cfg.rate, volume=cfg.volume)
+        return NullOutput(rate=cfg.rate, volume=cfg.volume, source_rate=source_rate)
     if cfg.device.startswith(FILE_PREFIX):
         from harkd.audio.wav import WavOutput
 
         path = Path(cfg.device.removeprefix(FILE_PREFIX))
-        return WavOutput(path, rate=cfg.rate, volume=cfg.volume)
+        return WavOutput(path, rate=cfg.rate, volume=cfg.volume, source_rate=source_rate)
     from harkd.audio.alsa import AlsaOutput
 
-    return AlsaOutput(cfg.device, rate=cfg.rate, volume=cfg.volume)
+    return AlsaOutput(cfg.device, rate=cfg.rate, volume=cfg.volume, source_rate=source_rate)
 
 
 async def stop_devices(*devices: AudioInput | AudioOutput | None) -> None:

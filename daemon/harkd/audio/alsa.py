@@ -64,7 +64,7 @@ from typing import Any
 import alsaaudio
 import numpy as np
 
-from harkd.audio.base import AudioFrame, DeviceListener, MeterReading
+from harkd.audio.base import PROVIDER_RATE, AudioFrame, DeviceListener, MeterReading
 from harkd.audio.meter import LevelMeter
 from harkd.audio.playback import PlaybackBuffer
 from harkd.audio.resample import StreamResampler
@@ -376,13 +376,21 @@ class AlsaOutput(_Edge):
     """
 
     def __init__(
-        self, device: str = "default", rate: int = 24000, period_ms: int = 20, volume: int = 100
+        self,
+        device: str = "default",
+        rate: int = 24000,
+        period_ms: int = 20,
+        volume: int = 100,
+        source_rate: int = PROVIDER_RATE,
     ) -> None:
         super().__init__(device)
         self.sample_rate = rate
+        self.source_rate = source_rate
         self.period_ms = period_ms
         # Thread-safe by its own lock; never replaced (`reconfigure` on a rate change).
-        self._buffer = PlaybackBuffer(rate, max(1, rate * period_ms // 1000), volume)
+        self._buffer = PlaybackBuffer(
+            rate, max(1, rate * period_ms // 1000), volume, source_rate=source_rate
+        )
         self._wake_event = threading.Event()
         self._lock = threading.Lock()  # every call on the PCM object, and the fields below
         # _lock:

@@ -74,9 +74,12 @@ class AudioInput(Protocol):
 
 
 class AudioOutput(Protocol):
-    """A speaker fed with the provider's 24 kHz PCM16 mono response audio."""
+    """A speaker fed with the provider's PCM16 mono response audio."""
 
     sample_rate: int
+    """The rate the device plays at."""
+    source_rate: int
+    """The rate of the audio `play` takes: the provider's output format."""
     name: str
 
     async def start(self, listener: DeviceListener) -> None:
@@ -86,7 +89,7 @@ class AudioOutput(Protocol):
         """Drop what is queued and release the device."""
 
     def play(self, item_id: str, pcm: bytes) -> None:
-        """Queue 24 kHz PCM16 audio of one assistant item; never blocks."""
+        """Queue PCM16 audio (at `source_rate`) of one assistant item; never blocks."""
 
     def stop_playback(self) -> dict[str, int]:
         """Silence now: drop everything queued in the buffer and the device.

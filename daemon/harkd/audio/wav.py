@@ -110,11 +110,12 @@ class WavInput:
 class _PacedOutput:
     """A virtual speaker: a pacing task consumes the playback buffer in real time."""
 
-    def __init__(self, name: str, rate: int, period_ms: int, volume: int) -> None:
+    def __init__(self, name: str, rate: int, period_ms: int, volume: int, source_rate: int) -> None:
         self.name = name
         self.sample_rate = rate
+        self.source_rate = source_rate
         self._period_frames = max(1, rate * period_ms // 1000)
-        self._buffer = PlaybackBuffer(rate, self._period_frames, volume)
+        self._buffer = PlaybackBuffer(rate, self._period_frames, volume, source_rate=source_rate)
         self._meter = LevelMeter(rate)
         self._drained_callbacks: list[Callable[[], None]] = []
         self._abandoned_callbacks: list[Callable[[dict[str, int]], None]] = []
@@ -235,10 +236,15 @@ class WavOutput(_PacedOutput):
     """A speaker that writes what it plays to a PCM16 mono WAV file (implements `AudioOutput`)."""
 
     def __init__(
-        self, path: str | Path, rate: int = PROVIDER_RATE, period_ms: int = 20, volume: int = 100
+        self,
+        path: str | Path,
+        rate: int = PROVIDER_RATE,
+        period_ms: int = 20,
+        volume: int = 100,
+        source_rate: int = PROVIDER_RATE,
     ) -> None:
         self.path = Path(path)
-        super().__init__(f"file:{self.path}", rate, period_ms, volume)
+        super().__init__(f"file:{self.path}", rate, period_ms, volume, source_rate)
         self._file: wave.Wave_write | None = None
 
     async def _open(self) -> None:
@@ -266,10 +272,16 @@ class WavOutput(_PacedOutput):
 class NullOutput(_PacedOutput):
     """No speaker (`audio.output.device: null`): paced, so played positions stay truthful."""
 
-    def __init__(self, rate: int = PROVIDER_RATE, period_ms: int = 200, volume: int = 100) -> None:
+    def __init__(
+        self,
+        rate: int = PROVIDER_RATE,
+        period_ms: int = 200,
+        volume: int = 100,
+        source_rate: int = PROVIDER_RATE,
+    ) -> None:
         # Nothing is fed in real time, and positions inside a chunk come from the clock,
         # so long periods lose no precision and wake the loop a tenth as often.
-        super().__init__("null", rate, period_ms, volume)
+        super().__init__("null", rate, period_ms, volume, source_rate)
 
 
 def _check_wav(path: Path, channel: int) -> tuple[int, int]:
