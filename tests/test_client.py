@@ -212,3 +212,18 @@ async def test_state_subscribers_see_changes_and_can_unsubscribe(
     client.set_volume(40)
     assert len(seen) == count and client.volume == 40
     await client.disconnect()
+
+
+async def test_connect_after_creating_a_run_task_opens_one_connection(
+    server: FakeRealtimeServer,
+) -> None:
+    client = make_client(server)
+    running = asyncio.create_task(client.run(autoconnect=False))
+    await client.connect()  # the run task has not started yet when connect is called
+    client.send_text("what time is it")
+    await until(lambda: bool(assistant_texts(client)), what="an answer")
+    assert len(server.sessions) == 1  # one run loop, one connection
+    with pytest.raises(RuntimeError, match="already running"):
+        await client.run()
+    running.cancel()
+    await asyncio.gather(running, return_exceptions=True)

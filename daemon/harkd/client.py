@@ -196,6 +196,7 @@ class RealtimeClient:
 
         Later drops are reconnected automatically until `disconnect()`.
         """
+        await asyncio.sleep(0)  # a run() task created just before gets to start first
         if self._run_task is None:
             self._run_task = asyncio.create_task(self.run(autoconnect=False), name="harkd-client")
             self._owns_run_task = True
@@ -268,7 +269,9 @@ class RealtimeClient:
 
     async def run(self, *, autoconnect: bool = True) -> None:
         """Do everything until cancelled: audio, connection, reconnects, tools."""
-        self._run_task = self._run_task or asyncio.current_task()
+        if self._run_task not in (None, asyncio.current_task()):
+            raise RuntimeError("this RealtimeClient is already running")
+        self._run_task = asyncio.current_task()
         if autoconnect:
             self._connection.want(True)
         try:
