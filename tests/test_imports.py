@@ -44,6 +44,16 @@ def test_the_command_line_starts_without_the_client_or_the_fakes() -> None:
     assert loaded_after(statement, HEAVY) == []
 
 
+def test_harkd_help_does_not_pay_for_config_validation() -> None:
+    """`harkd --help` parses the command line only: no pydantic, yaml or jsonschema."""
+    statement = (
+        "import contextlib, harkd.cli\n"
+        "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(None):\n"
+        "    harkd.cli.main(['--help'])"
+    )
+    assert loaded_after(statement, (*HEAVY, "pydantic", "yaml", "jsonschema")) == []
+
+
 def test_production_code_imports_the_fakes_only_for_demo_and_fake_server() -> None:
     allowed = {ROOT / "daemon/harkd/demo.py", ROOT / "daemon/harkd/cli.py"}
     testing = ROOT / "daemon/harkd/testing"

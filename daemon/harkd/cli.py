@@ -9,11 +9,15 @@ import faulthandler
 import sys
 from collections.abc import Callable, Collection
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import yaml
-
-from harkd.config import Config, ConfigError, find_config, load_config
 from harkd.logsetup import configure_logging, register_secret
+
+if TYPE_CHECKING:
+    from harkd.config import Config
+
+# Only what parsing the command line needs is imported up here: `harkd --help` must
+# not pay for pydantic, yaml or the client stack (each command imports its own).
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -32,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     command: Callable[[argparse.Namespace], int] = args.run
+    from harkd.config import ConfigError
+
     try:
         return command(args)
     except ConfigError as exc:
@@ -80,6 +86,8 @@ def _parser() -> argparse.ArgumentParser:
 def _load(
     args: argparse.Namespace, sections: Collection[str] | None = None
 ) -> tuple[Config, Path | None]:
+    from harkd.config import find_config, load_config
+
     path = find_config(getattr(args, "config", None))
     config = load_config(path, sections=sections)
     for secret in (config.api_key(), config.mqtt_password()):
@@ -92,6 +100,8 @@ def _check_config(args: argparse.Namespace) -> int:
     configure_logging("warning")
     config, path = _load(args)
     print(f"# {path or 'built-in defaults'}: valid")
+    import yaml
+
     print(yaml.safe_dump(config.redacted(), sort_keys=False, allow_unicode=True), end="")
     return EXIT_OK
 
