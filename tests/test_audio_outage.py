@@ -2,9 +2,11 @@
 
 Unloading the sink is an unplugged card: the `pulse` PCM's writes and reads fail with
 EIO, and an idle stream notices only when asked. Suspending it is a card that hangs:
-capture just stops delivering. What a user notices: an answer that arrives while the
-speaker is away is heard once it is back (or, if it stays away, the client is told what
-was heard); an idle speaker and microphone report the loss within about a second.
+capture just stops delivering, playback stops taking audio (and resumes with the sink).
+What a user notices: an answer that arrives while the speaker is away is heard once it
+is back (or, if it stays away, the client is told what was heard); an idle speaker and
+microphone report the loss within about a second, a speaker that hangs mid-answer
+within `PLAYBACK_STALL_S`.
 """
 
 from __future__ import annotations
@@ -239,7 +241,9 @@ async def test_an_answer_is_abandoned_when_the_speaker_stays_away(
         played = abandoned.reports[0][1]
         heard = heard_ms(recording, 660.0)
         print(f"abandoned after {held_s:.2f} s; played {played}, the room heard {heard:.0f} ms")
-        assert 2.0 <= held_s < 2.0 + 1.5
+        # `lost` is stamped when the loop ran device_failed, which a loaded machine
+        # delays past the thread's own hold clock by a few ms.
+        assert 2.0 - 0.1 <= held_s < 2.0 + 1.5
         assert set(played) == {"a", "b"} and played["b"] == 0
         # The client truncates where the room surely heard up to: never past what the
         # recorder caught (give or take its own few ms), at most a device buffer short.
@@ -251,6 +255,90 @@ async def test_an_answer_is_abandoned_when_the_speaker_stays_away(
         await listener.wait_for("recovered", 15)
         speaker.play("c", tone(200))
         await asyncio.wait_for(drained.wait(), 3)
+        assert speaker.played_ms("c") == 200 and len(abandoned.reports) == 1
+    finally:
+        await speaker.stop()
+
+
+async def test_an_answer_on_a_speaker_that_hangs_is_reported_and_plays_once_it_resumes(
+    pulse: PulseServer, sink_back: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger=alsa.__name__)
+    listener, abandoned = Listener(), Abandoned()
+    speaker = AlsaOutput("pulse", rate=24000)
+    drained = asyncio.Event()
+    speaker.on_drained(drained.set)
+    speaker.on_abandoned(abandoned)
+    await speaker.start(listener)
+    try:
+        recording = pulse.record(24000)
+        await asyncio.sleep(0.1)
+        speaker.play("a", tone(3000, 660.0))
+        await until(lambda: speaker.played_ms("a") >= 500, 5, "the answer plays")
+        hung = time.monotonic()
+        pulse.suspend_sink(True)  # no error anywhere: the sink just stops taking audio
+        failed = await listener.wait_for("failed", 10) - hung
+        print(f"a hung speaker is reported after {failed:.2f} s")
+        assert alsa.PLAYBACK_STALL_S * 0.9 < failed < alsa.PLAYBACK_STALL_S + 1.5
+        assert speaker.is_playing and not drained.is_set()
+        # It reopens fine and hangs again: that is no recovery (and no new failure).
+        seen = len(caplog.records)
+        await until(
+            lambda: any("still failing" in r.message for r in caplog.records[seen:]),
+            alsa.PLAYBACK_STALL_S + 5,
+            "a reopened speaker that hangs again",
+        )
+        assert [e for e, _ in listener.events] == ["failed"]
+        pulse.suspend_sink(False)
+        await listener.wait_for("recovered", 10)
+        await asyncio.wait_for(drained.wait(), 10)
+        await asyncio.sleep(0.1)
+        recording.stop()
+        heard = heard_ms(recording, 660.0)
+        print(f"the room heard {heard:.0f} ms of 3000")
+        assert not speaker.is_playing and abandoned.reports == []
+        assert speaker.played_ms("a") == 3000
+        # Nothing is skipped; what the stalled speaker might have held is played again.
+        assert 3000 - 30 <= heard <= 3000 + 80
+        assert [e for e, _ in listener.events] == ["failed", "recovered"]
+    finally:
+        await speaker.stop()
+
+
+async def test_an_answer_on_a_speaker_that_stays_hung_is_abandoned_with_what_was_heard(
+    pulse: PulseServer, sink_back: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(alsa, "HOLD_S", 2.0)  # the real 5 s would only slow the test
+    listener, abandoned = Listener(), Abandoned()
+    speaker = AlsaOutput("pulse", rate=24000)
+    drained = asyncio.Event()
+    speaker.on_drained(drained.set)
+    speaker.on_abandoned(abandoned)
+    await speaker.start(listener)
+    try:
+        recording = pulse.record(24000)
+        await asyncio.sleep(0.1)
+        speaker.play("a", tone(3000, 660.0))
+        await until(lambda: speaker.played_ms("a") >= 500, 5, "the answer plays")
+        pulse.suspend_sink(True)
+        lost = await listener.wait_for("failed", 10)
+        reported = await until(lambda: abandoned.reports, 10, "on_abandoned")
+        held_s = reported - lost
+        recording.stop()
+        played = abandoned.reports[0][1]
+        heard = heard_ms(recording, 660.0)
+        print(f"abandoned {held_s:.2f} s after the failure; played {played}, heard {heard:.0f}")
+        # Held for HOLD_S, checked between reopenings of the hung speaker.
+        assert 2.0 - 0.1 <= held_s < 2.0 + alsa.PLAYBACK_STALL_S + 1.5
+        # The client truncates where the room surely heard up to (see above).
+        assert -15 <= heard - played["a"] <= 80
+        assert not speaker.is_playing and not drained.is_set()
+        assert len(abandoned.reports) == 1
+        # The sink resumes: the next answer plays in full.
+        pulse.suspend_sink(False)
+        await listener.wait_for("recovered", 15)
+        speaker.play("c", tone(200))
+        await asyncio.wait_for(drained.wait(), 5)
         assert speaker.played_ms("c") == 200 and len(abandoned.reports) == 1
     finally:
         await speaker.stop()

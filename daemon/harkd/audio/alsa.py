@@ -26,6 +26,15 @@ tried every 0.5 s. Once the device is back it all plays. Audio that could not st
 playing within `HOLD_S` is dropped and `on_abandoned` callbacks are told what was
 heard of each item, as `stop_playback` would have returned.
 
+A speaker can also stall without an error (a suspended PulseAudio sink, a USB card
+whose clock stopped): while it holds audio, a played position (frames written minus
+those still queued) that does not move for `PLAYBACK_STALL_S` counts as a lost device,
+with the same reports and the same keeping of its audio. Such a device reopens fine
+and stalls again, so after a stall it counts as recovered only once it has played
+(two buffers' worth: a sound server swallows one even while suspended) or has nothing
+to play; meanwhile the held audio keeps its hold clock, so it is abandoned after
+`HOLD_S` (checked between reopenings, up to `PLAYBACK_STALL_S` late).
+
 Idle playback writes nothing: when the buffer runs dry the thread writes one period
 of silence as the last real audio is about to play out (so a device that underruns
 does so in silence, not on the final sample - some hardware clicks or repeats its
@@ -84,6 +93,11 @@ IDLE_CHECK_S = 0.5
 """An idle playback device is probed this often (a vanished USB card shows up here)."""
 STALL_S = 1.0
 """A capture device that delivers no audio for this long has failed."""
+PLAYBACK_STALL_S = 2.0
+"""A playback device holding audio that plays none of it for this long has failed.
+
+Generous: a loaded machine delays the writer, never the device's own clock, so this
+only has to outlast scheduling hiccups and a sound server's start-up."""
 HOLD_S = 5.0
 """Answer audio waits this long for a lost speaker to come back, then is abandoned."""
 WARN_INTERVAL_S = 5.0
@@ -91,6 +105,10 @@ WARN_INTERVAL_S = 5.0
 
 class DeviceError(Exception):
     """The PCM reported a state harkd cannot recover in place; the device is reopened."""
+
+
+class DeviceStalled(DeviceError):
+    """The playback device holds audio and plays none of it, without an error."""
 
 
 class _Throttled:
@@ -402,9 +420,16 @@ class AlsaOutput(_Edge):
         self._running = False  # audio written since the stream was last prepared
         self._padded = False  # the silence tail is in the device
         self._remainder = b""  # popped mono audio the device has not accepted yet
-        self._recent = b""  # the last buffer_size frames written (mono): what a loss rewinds
+        self._recent = b""  # the last frames written (mono): what a loss rewinds
         self._in_device = 0  # frames in the device at the last measure, plus writes since
         # Thread:
+        self._total_written = 0  # frames ever written (never reset): positions are relative
+        self._recent_bytes = 0  # how much `_recent` keeps: a buffer, or 3 while `_unproven`
+        self._position = 0  # the device's played position (written - queued) last seen
+        self._stalled_since: float | None = None  # holding audio, and no progress since
+        self._unproven = False  # reopened after a stall: working once it plays (or idles)
+        self._proof_position = 0  # ... that is, once its position passes this
+        self._opened_total = 0  # `_total_written` when the PCM was opened
         self._poller: select.poll | None = None  # the open PCM's descriptors (idle probe)
         self._held_since: float | None = None  # audio waits for a lost device since then
         # Loop:
@@ -546,15 +571,26 @@ class AlsaOutput(_Edge):
                 self._attempted()
                 self._wait_for_retry(backoff.next())
                 continue
-            self._report_working()
+            # A stalled device (a suspended sink) reopens fine and stalls again: it
+            # recovers once it plays, and the held audio keeps its hold clock meanwhile.
+            if not self._unproven:
+                self._report_working()
+                self._held_since = None
             self._attempted()
             backoff.reset()
-            self._held_since = None
+            self._stalled_since = None
+            self._position = self._total_written  # a fresh PCM holds nothing
+            # A sound server takes a buffer's worth into its own even while suspended.
+            self._opened_total = self._total_written
+            self._proof_position = self._total_written + 2 * self._buffer_size
+            # Unproven, all written since the open may be unheard: 3 buffers at most.
+            self._recent_bytes = 2 * self._buffer_size * (3 if self._unproven else 1)
             failure = None
             try:
                 self._write_loop(pcm)
             except (alsaaudio.ALSAAudioError, DeviceError) as exc:
                 failure = str(exc)
+                self._unproven = isinstance(exc, DeviceStalled)
             finally:
                 self._close(pcm, lost=failure is not None)
             if failure is not None:
@@ -682,6 +718,14 @@ class AlsaOutput(_Edge):
         avail = self._avail(pcm)
         queued = self._buffer_size - avail
         self._in_device = queued if self._running else 0
+        position = self._total_written - queued
+        if position != self._position:  # the device played (or dropped) something
+            self._position = position
+            self._stalled_since = None
+            if self._unproven and position >= self._proof_position:
+                self._proven()
+        elif self._running and queued > 0:
+            self._check_stall()
         unplayed = self._buffer.unplayed_frames(queued)
         starving = unplayed <= self._period
         if avail > 0:
@@ -715,8 +759,35 @@ class AlsaOutput(_Edge):
             self._rearm(pcm)
             self._buffer.forget_played()
             return IDLE_CHECK_S, True
+        if self._unproven:
+            self._proven()  # nothing to play: the next answer tells
         self._probe(pcm)
         return IDLE_CHECK_S, False
+
+    def _check_stall(self) -> None:
+        """The device holds audio and played none of it since the last wake-up.
+
+        A device that stalls without an error (a suspended sound server sink, a USB
+        card whose clock stopped) would hold the answer forever: after
+        `PLAYBACK_STALL_S` it counts as lost, so its audio is kept and it is reopened.
+        """
+        now = time.monotonic()
+        if self._stalled_since is None:
+            self._stalled_since = now
+        elif now - self._stalled_since >= PLAYBACK_STALL_S:
+            stalled_s = now - self._stalled_since
+            if self._unproven:
+                # Reopened after a stall and never proven: a sound server took what it
+                # counts as played into its own buffer, and drops it with the stream.
+                self._in_device = self._total_written - self._opened_total
+            raise DeviceStalled(f"nothing played for {stalled_s:.1f} s [{self.name}]")
+
+    def _proven(self) -> None:
+        """The device reopened after a stall plays (or has nothing to play): it works."""
+        self._unproven = False
+        self._held_since = None
+        self._recent_bytes = 2 * self._buffer_size
+        self._report_working()
 
     def _probe(self, pcm: alsaaudio.PCM) -> None:
         """Idle: let a sound server plugin report a lost stream (it raises here).
@@ -764,9 +835,10 @@ class AlsaOutput(_Edge):
         written = max(0, int(result))
         if written:
             self._running = True
+            self._total_written += written
             self._buffer.record_written(written)
             self._in_device += written
-            self._recent = (self._recent + data[: 2 * written])[-2 * self._buffer_size :]
+            self._recent = (self._recent + data[: 2 * written])[-self._recent_bytes :]
         self._remainder = data[2 * written :]
         return written
 
