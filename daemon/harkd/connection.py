@@ -96,7 +96,7 @@ class ConnectionSupervisor:
         self._resume_handle: str | None = None
         """The provider's latest handle to continue the session (resume="handle")."""
         self._resumed = False
-        self._going_away = asyncio.Event()
+        self._going_away = False
 
     @property
     def wanted(self) -> bool:
@@ -228,15 +228,16 @@ class ConnectionSupervisor:
             # The provider is about to close this connection: move to a new one now,
             # resumed from the latest handle, rather than be cut off mid-answer.
             log.info("the provider is going away; moving to a new connection")
-            self._going_away.set()
+            self._going_away = True
+            self._wish_changed.set()  # wakes the watcher
         self._owner.connection_event(event)
 
     async def _watch(self, conn: RealtimeConnection) -> None:
         """Close the connection when it is no longer wanted, or for a rollover."""
         deadline = time.monotonic() + self._rollover_s
-        self._going_away.clear()
+        self._going_away = False
         while self._wanted.is_set():
-            if self._going_away.is_set():
+            if self._going_away:
                 self._rollover_pending = True
                 break
             now = time.monotonic()
@@ -246,7 +247,7 @@ class ConnectionSupervisor:
                     self._rollover_pending = True
                     break
                 deadline = now + 1.0  # mid-turn: look again shortly
-            await self._wait_for_wish(deadline - now, self._going_away)
+            await self._wait_for_wish(deadline - now)
         await conn.close()
 
     async def _pause(self, seconds: float) -> None:
@@ -256,18 +257,12 @@ class ConnectionSupervisor:
         while self._wanted.is_set() == wanted and time.monotonic() < deadline:
             await self._wait_for_wish(deadline - time.monotonic())
 
-    async def _wait_for_wish(self, timeout_s: float, also: asyncio.Event | None = None) -> None:
+    async def _wait_for_wish(self, timeout_s: float) -> None:
         # Callers re-check the wish after this returns; clearing first and
-        # checking after keeps a want() from being missed.
+        # checking after keeps a want() (or a GoingAway) from being missed.
         self._wish_changed.clear()
-        waits = [asyncio.ensure_future(self._wish_changed.wait())]
-        if also is not None:
-            waits.append(asyncio.ensure_future(also.wait()))
-        try:
-            await asyncio.wait(waits, timeout=max(0.0, timeout_s), return_when="FIRST_COMPLETED")
-        finally:
-            for wait in waits:
-                wait.cancel()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wish_changed.wait(), max(0.0, timeout_s))
 
     def _set_status(self, status: RealtimeStatus) -> None:
         self.status = status

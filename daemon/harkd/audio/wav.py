@@ -118,7 +118,6 @@ class _PacedOutput:
         self._buffer = PlaybackBuffer(rate, self._period_frames, volume, source_rate=source_rate)
         self._meter = LevelMeter(rate)
         self._drained_callbacks: list[Callable[[], None]] = []
-        self._abandoned_callbacks: list[Callable[[dict[str, int]], None]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._playing = False
@@ -179,8 +178,8 @@ class _PacedOutput:
         self._drained_callbacks.append(callback)
 
     def on_abandoned(self, callback: Callable[[dict[str, int]], None]) -> None:
-        """Keep `callback`; never called, since a file or the null sink cannot be lost."""
-        self._abandoned_callbacks.append(callback)
+        """Nothing to keep: a file or the null sink is never lost, so queued audio always
+        ends by draining or by `stop_playback`."""
 
     def meter(self) -> MeterReading:
         """Level and spectrum of what is being heard now."""
