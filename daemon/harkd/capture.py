@@ -100,8 +100,9 @@ class Capture:
             endpoint=self._endpoint,
             analysis=self._analysis,
         )
+        off_loop = pipeline.off_loop  # the stages are fixed: decided once, not per frame
         async for frame in source.frames():
-            if pipeline.off_loop:
+            if off_loop:
                 outputs = await asyncio.to_thread(pipeline.push, frame)
             else:
                 outputs = pipeline.push(frame)
