@@ -81,6 +81,8 @@ class RealtimeConfig(_Section):
     api_key: SecretStr | None = None
     api_key_file: Path | None = None
     voice: str | None = None
+    agent_id: str | None = None
+    """ElevenLabs: the agent to talk to (other providers take none)."""
     instructions: str = "You are a helpful voice assistant in a home."
     turn_detection: Literal["server_vad", "semantic_vad", "manual"] = "server_vad"
     transcription_model: str | None = "gpt-4o-mini-transcribe"
@@ -235,6 +237,14 @@ class Config(_Section):
             raise ValueError(
                 f"realtime.ephemeral_tokens: provider {r.provider} has no ephemeral tokens"
             )
+        if r.turn_detection not in provider.turn_detection:
+            supported = ", ".join(sorted(provider.turn_detection))
+            raise ValueError(
+                f"realtime.turn_detection: {r.turn_detection} is not supported by provider "
+                f"{r.provider} (supported: {supported})"
+            )
+        if provider.check is not None:
+            provider.check(r)
         return self
 
     def api_key(self) -> str | None:

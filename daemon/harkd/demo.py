@@ -31,7 +31,8 @@ from harkd.messages import (
     ToolCallFinished,
 )
 from harkd.service import Daemon
-from harkd.testing import FakeRealtimeServer, FakeScript, ToolRule
+from harkd.testing import FakeScript, ToolRule
+from harkd.testing.fakes import fake_server
 
 DEMO_KEY = "sk-harkd-demo-not-a-real-key"
 QUESTION = "What time is it?"
@@ -106,9 +107,13 @@ def _bar(level: float, width: int = 12) -> str:
 
 
 async def run_demo(
-    speaker: str | None = None, state_dir: str | None = None, out: TextIO = sys.stdout
+    speaker: str | None = None,
+    state_dir: str | None = None,
+    out: TextIO = sys.stdout,
+    provider: str = "openai",
 ) -> int:
-    """Run one spoken turn with a tool call through the real daemon; 0 when it worked."""
+    """Run one spoken turn with a tool call through the real daemon against the fake
+    server of `provider`; 0 when it worked."""
     with contextlib.ExitStack() as stack:
         root = (
             Path(state_dir)
@@ -126,17 +131,22 @@ async def run_demo(
             tool_reply=_tool_reply,
             pace=4.0,
         )
-        async with FakeRealtimeServer(script=script, api_keys={DEMO_KEY}) as server:
-            return await _converse(server.url, question, output, root, out)
+        server = fake_server(provider, script, api_keys={DEMO_KEY})
+        async with server:
+            realtime = server.realtime_config(DEMO_KEY)
+            return await _converse(realtime, question, output, root, out)
     return 1
 
 
-async def _converse(url: str, question: Path, output: str, root: Path, out: TextIO) -> int:
+async def _converse(
+    realtime: dict[str, Any], question: Path, output: str, root: Path, out: TextIO
+) -> int:
     mqtt = broker_answers()
-    config = parse_config(_demo_config(url, question, output, root, mqtt), "<demo>", {})
+    config = parse_config(_demo_config(realtime, question, output, root, mqtt), "<demo>", {})
     printer = ConversationPrinter(out)
     broker = "broker on localhost:1883, topics harkd/demo/#" if mqtt else "no broker, off"
     print("harkd demo: the daemon's own code path against a built-in fake server", file=out)
+    print(f"  provider    {config.realtime.provider} (fake)", file=out)
     print(f"  microphone  bundled speech: {question}", file=out)
     print(f"  speaker     {output}", file=out)
     print(f"  MQTT        {broker}", file=out)
@@ -174,10 +184,12 @@ def _describe_wav(path: Path, out: TextIO) -> None:
         print(f"answer audio: {seconds:.1f} s written to {path}", file=out)
 
 
-def _demo_config(url: str, question: Path, output: str, root: Path, mqtt: bool) -> dict[str, Any]:
+def _demo_config(
+    realtime: dict[str, Any], question: Path, output: str, root: Path, mqtt: bool
+) -> dict[str, Any]:
     return {
         "device": {"id": "demo", "name": "harkd demo"},
-        "realtime": {"url": url, "api_key": DEMO_KEY, "instructions": "Answer briefly."},
+        "realtime": {**realtime, "instructions": "Answer briefly."},
         "audio": {"input": {"device": f"file:{question}"}, "output": {"device": output}},
         "mqtt": {"enabled": mqtt, "host": "127.0.0.1"},
         "plugins": {"clock": {}, "timers": {}},

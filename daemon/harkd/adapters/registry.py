@@ -47,6 +47,14 @@ class Provider:
     """`realtime.api_key` (or `api_key_file`) is required."""
     mint_tokens: TokenMinter | None = None
     """How `realtime.ephemeral_tokens` gets client secrets; None: not supported."""
+    turn_detection: frozenset[str] = frozenset({"server_vad", "semantic_vad", "manual"})
+    """The `realtime.turn_detection` values it supports."""
+    check: Callable[[RealtimeConfig], None] | None = None
+    """Checks the provider's own keys of a `realtime` section; raises `ValueError`
+    whose text starts with the key (`realtime.agent_id: required ...`)."""
+    fake: str | None = None
+    """`module:attribute` of its fake server in `harkd.testing` (a `ProviderFake`
+    factory), for `harkd demo --provider` and `harkd fake-server --provider`."""
 
 
 OPENAI_URL = "wss://api.openai.com/v1/realtime"
@@ -81,6 +89,7 @@ BUILTIN: dict[str, Provider] = {
         voice=OPENAI_VOICE,
         needs_api_key=True,
         mint_tokens=_openai_secrets,
+        fake="harkd.testing.fake_server:FakeRealtimeServer",
     ),
 }
 

@@ -450,6 +450,10 @@ class FakeRealtimeServer:
         """``{http_url}/v1``: usable as the ``openai`` SDK's ``base_url``."""
         return f"{self.http_url}/v1"
 
+    def realtime_config(self, api_key: str) -> dict[str, Any]:
+        """The `realtime:` section that points harkd at this server with `api_key`."""
+        return {"provider": "openai", "url": self.url, "api_key": api_key}
+
     # ---- injection
 
     def fail_auth_next(self, n: int = 1) -> None:
