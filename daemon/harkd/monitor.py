@@ -52,6 +52,8 @@ class DeviceView:
     final: dict[str, str] = field(default_factory=dict)
     tool_calls: deque[str] = field(default_factory=lambda: deque(maxlen=TOOL_CALLS_SHOWN))
     error: str | None = None
+    wake: str | None = None
+    """The last wake word heard, as a line."""
     levels: tuple[float, float] | None = None
     levels_at: float | None = None
     """time.monotonic() of the last level message."""
@@ -73,6 +75,16 @@ def _tool_line(data: Any) -> str:
         return "?"
     result = f"error: {data['error']}" if "error" in data else json.dumps(data.get("output"))
     return f"{data.get('name')}({data.get('arguments', '')}) -> {result}"
+
+
+def _wake_line(data: dict[str, Any]) -> str:
+    answered = "answered" if data.get("answered") else "not answered"
+    with contextlib.suppress(TypeError, ValueError):
+        return (
+            f"{data.get('word')} score {float(data['score']):.2f} "
+            f"level {float(data['level']):.3f} ({answered})"
+        )
+    return f"{data.get('word')} ({answered})"
 
 
 def apply(
@@ -115,6 +127,12 @@ def apply(
         line = _tool_line(_json(payload))
         view.tool_calls.append(line)
         return f"{device_id} tool: {line}"
+    if sub == "wake":
+        data = _json(payload)
+        if not isinstance(data, dict):
+            return None
+        view.wake = _wake_line(data)
+        return f"{device_id} wake: {view.wake}"
     if sub == "error":
         data = _json(payload)
         if not payload:
@@ -170,6 +188,8 @@ def render(devices: Mapping[str, DeviceView], now: float | None = None) -> str:
                 lines.append(f"  {role:9} ... {_cut(v.partial[role])}")
             elif role in v.final:
                 lines.append(f"  {role:9} {_cut(v.final[role])}")
+        if v.wake:
+            lines.append(f"  wake      {v.wake}")
         lines.extend(f"  tool      {_cut(call)}" for call in v.tool_calls)
         if v.error:
             lines.append(f"  error     {_cut(v.error)}")

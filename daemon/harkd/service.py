@@ -153,9 +153,11 @@ class Daemon:
             ]
 
     async def _announce_ready(self) -> None:
-        """READY=1 once audio, session and MQTT are up or retrying."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._started.wait(), READY_WAIT_S)
+        """READY=1 once audio, session and MQTT are up or retrying (an on-demand
+        session opens only when needed: nothing to wait for)."""
+        if self.config.realtime.connect == "always":
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._started.wait(), READY_WAIT_S)
         self.notifier.ready()
         self._on_state(self.client.state)
         log.info("harkd ready (device %s)", self.config.device.id)
@@ -225,7 +227,10 @@ class Daemon:
     def _make_bridge(self, config: Config) -> MqttBridge | None:
         if not config.mqtt.enabled:
             return None
-        return MqttBridge(config.mqtt, config.device, config.mqtt_password(), self.client)
+        words = [Path(w.model).stem for w in config.wake.words] if config.wake.enabled else []
+        return MqttBridge(
+            config.mqtt, config.device, config.mqtt_password(), self.client, wake_words=words
+        )
 
     def _start_mqtt(
         self, tasks: asyncio.TaskGroup, after: asyncio.Task[None] | None = None
@@ -419,6 +424,9 @@ def _build_client(config: Config) -> RealtimeClient:
         rollover_s=rt.rollover_s,
         replay_messages=rt.replay_messages,
         volume=config.audio.output.volume,
+        wake=config.wake if config.wake.enabled else None,
+        connect=rt.connect,
+        idle_disconnect_s=rt.idle_disconnect_s,
     )
 
 
