@@ -3,7 +3,7 @@
 Every 16 kHz frame the microphone captures goes through one shared feature frontend
 (10 ms windows) and every configured model; a model whose smoothed probability
 crosses its threshold is a detection, unless the same word was detected less than its
-refractory time ago. The detector also keeps the last second of audio so that a
+refractory time ago (or its score has stayed above the threshold since). The detector also keeps the last second of audio so that a
 detection carries the wake word's own loudness (`level`, RMS in 0..1 of full scale),
 which is how devices compare nearness (arbitration).
 
@@ -59,6 +59,11 @@ class _Word:
     threshold: float
     refractory_s: float
     last_at: float = -math.inf
+    windows: int = 0
+    """Feature windows fed: the model only runs on every `stride`-th one."""
+    armed: bool = True
+    """False from a detection until the score falls below the threshold again: one
+    utterance is one detection, however long its score stays high."""
 
 
 def models_dir() -> Path:
@@ -109,10 +114,15 @@ class WakeDetector:
         for features in self._features.process_streaming(frame.pcm):
             for word in self._words:
                 score = word.model.process_streaming_prob(features)
+                word.windows += 1
+                if word.windows % word.model.stride:
+                    continue  # the model only collected this window: no new score
                 if score is None or score <= word.threshold:
+                    word.armed = True
                     continue
-                if frame.captured_at - word.last_at < word.refractory_s:
+                if not word.armed or frame.captured_at - word.last_at < word.refractory_s:
                     continue
+                word.armed = False
                 word.last_at = frame.captured_at
                 self.detections.append(
                     WakeDetection(word.name, round(score, 3), self._level(), frame.captured_at)
@@ -150,4 +160,5 @@ class WakeDetector:
         self._features.reset()
         for word in self._words:
             word.model.reset()
+            word.windows = 0
         return cost_ms
