@@ -3,9 +3,10 @@
 Every 16 kHz frame the microphone captures goes through one shared feature frontend
 (10 ms windows) and every configured model; a model whose smoothed probability
 crosses its threshold is a detection, unless the same word was detected less than its
-refractory time ago (or its score has stayed above the threshold since). The detector also keeps the last second of audio so that a
-detection carries the wake word's own loudness (`level`, RMS in 0..1 of full scale),
-which is how devices compare nearness (arbitration).
+refractory time ago (or its score has stayed above the threshold since). The detector
+also keeps the last second of audio so that a detection carries the wake word's own
+loudness (`level`, RMS in 0..1 of full scale), which is how devices compare nearness
+(arbitration).
 
 pymicro-wakeword (and with it numpy and the tflite runtime) is imported only when a
 detector is built: a daemon without `wake.enabled` never loads it.
