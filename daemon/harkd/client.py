@@ -182,8 +182,13 @@ class RealtimeClient:
 
     @property
     def mode(self) -> RealtimeMode:
-        """idle / listening / thinking / speaking."""
-        return self._session.mode
+        """idle / listening / thinking / speaking (idle, not listening, while a wake
+        word is awaited)."""
+        mode = self._session.mode
+        ear = self._capture.ear
+        if mode is RealtimeMode.LISTENING and ear is not None and not ear.listening:
+            return RealtimeMode.IDLE
+        return mode
 
     @property
     def messages(self) -> tuple[RealtimeMessage, ...]:
@@ -384,6 +389,7 @@ class RealtimeClient:
             self._output.play(CHIME_ITEM, self._chime)
         self._emit_wake(heard, answered=True)
         self._need_session()
+        self._changed()
 
     def _emit_wake(self, heard: WakeHeard, *, answered: bool) -> None:
         event = WakeHeard(heard.word, heard.score, heard.level, heard.ts, answered)
@@ -401,6 +407,7 @@ class RealtimeClient:
         """Woken, but nobody spoke in time: that wake word went unanswered."""
         if self._last_wake is not None:
             self._emit_wake(self._last_wake, answered=False)
+        self._changed()
 
     def _answer_heard(self) -> None:
         """An answer played to its end: a follow-up needs no wake word for a while."""
@@ -412,6 +419,7 @@ class RealtimeClient:
             return
         self._last_wake = None  # a silent follow-up window is no dropped wake word
         self._capture.listen(wake.follow_up_s)
+        self._changed()
 
     def _need_session(self) -> None:
         self._last_activity = time.monotonic()
