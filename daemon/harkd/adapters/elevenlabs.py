@@ -26,6 +26,7 @@ import contextlib
 import itertools
 import json
 import logging
+import secrets
 import urllib.error
 import urllib.request
 from collections import deque
@@ -318,6 +319,7 @@ class ElevenLabsConnection:
         self._early: list[tuple[str, _Body]] = []
         self._on_event: Callable[[ev.ServerEvent], None] | None = None
         self._ids = itertools.count(1)
+        self._tag = secrets.token_hex(4)
         self._reply: _Reply | None = None
         self._cut: _Reply | None = None
         """A reply interrupted while it waits for its corrected text."""
@@ -335,7 +337,8 @@ class ElevenLabsConnection:
         self.conversation_id = ""
 
     def _new_id(self, prefix: str) -> str:
-        return f"{prefix}{next(self._ids)}"
+        # Unique across connections too: the session outlives them.
+        return f"{prefix}_{self._tag}{next(self._ids)}"
 
     # --- setup --------------------------------------------------------------------
 
@@ -646,9 +649,7 @@ class ElevenLabsConnection:
             self._end_cut(cut, None)
 
     def _end_cut(self, reply: _Reply, corrected: str | None) -> None:
-        # The server's barge-in: speech started, the playing reply stops at once.
-        self._emit(ev.SpeechStarted(self._user_item, int(self._sent_ms)))
-        self._end(reply, "cancelled", corrected)
+        self._end(reply, "cancelled", corrected, barge_in=True)
 
     # --- ending replies -----------------------------------------------------------
 
@@ -665,12 +666,18 @@ class ElevenLabsConnection:
         status: str,
         text: str | None,
         calls: tuple[ev.FunctionCallDone, ...] = (),
+        *,
+        barge_in: bool = False,
     ) -> None:
         if reply.item_id is not None:
             if reply.has_audio:
                 self._emit(ev.AudioDone(reply.response_id, reply.item_id))
             final = reply.text if text is None else text
             self._emit(ev.AssistantTranscriptDone(reply.response_id, reply.item_id, final))
+        if barge_in:
+            # The server's barge-in: the user speaks, the reply stops playing at once
+            # (after its final text is known: the message is finished then).
+            self._emit(ev.SpeechStarted(self._user_item, int(self._sent_ms)))
         self._emit(ev.ResponseDone(reply.response_id, status, function_calls=calls))
 
     def _restart_timer(self) -> None:
