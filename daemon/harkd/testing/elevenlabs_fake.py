@@ -277,6 +277,11 @@ class ElevenLabsFakeServer:
         """The `realtime:` section that points harkd at this agent with `api_key`."""
         return {"provider": "elevenlabs", "url": self.url, "agent_id": AGENT_ID, "api_key": api_key}
 
+    @property
+    def audio_ms_received(self) -> float:
+        """Microphone audio received so far, over all conversations, in milliseconds."""
+        return sum(conversation.audio_ms_received for conversation in self.conversations)
+
     # ---- injection
 
     def fail_auth_next(self, n: int = 1) -> None:
