@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from e2e import until
 from harkd.testing import FakeRealtimeServer, FakeScript
 from harkd_process import Harkd, daemon_config, harkd_env, write_config
 from mosquitto import Mosquitto, Recorder, mosquitto_fixture
-from pulse_fixture import SINK, PulseServer
+from pulse_fixture import PulseServer
 from speech_fixtures import len_ms, silence, speech_pcm
 
 pytestmark = [pytest.mark.pulse, pytest.mark.timeout(90)]
@@ -31,25 +30,6 @@ BASE = "harkd/testroom"
 QUESTION = "what time is it"
 
 broker = mosquitto_fixture()
-
-
-async def play_into_room(pulse: PulseServer, pcm: bytes, rate: int = 16_000) -> None:
-    """Say `pcm` in the room (as a person would) and wait until it has been said."""
-    process = await asyncio.create_subprocess_exec(
-        "pacat",
-        "--playback",
-        f"--server={pulse.server}",
-        f"--device={SINK}",
-        "--raw",
-        "--format=s16le",
-        f"--rate={rate}",
-        "--channels=1",
-        "--latency-msec=20",
-        stdin=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
-    await process.communicate(pcm)
-    assert process.returncode == 0
 
 
 def appended_ms(server: FakeRealtimeServer) -> float:
@@ -93,11 +73,11 @@ async def test_okay_nabu_in_the_room_is_answered_once_and_told_to_home_assistant
                 assert event["state_topic"] == f"{BASE}/wake"
 
                 # Talk without the wake word: not a byte leaves the house.
-                await play_into_room(pulse, speech_pcm("turn on the kitchen lights"))
+                await pulse.play(speech_pcm("turn on the kitchen lights"))
                 await asyncio.sleep(1.0)
                 assert appended_ms(server) == 0 and rec.on(f"{BASE}/wake") == []
 
-                await play_into_room(pulse, speech_pcm(f"okay nabu, {QUESTION}") + silence(200))
+                await pulse.play(speech_pcm(f"okay nabu, {QUESTION}") + silence(200))
                 wake = await rec.wait_for(f"{BASE}/wake")
                 payload = json.loads(wake.payload)
                 assert payload["word"] == "okay_nabu" and payload["answered"] is True

@@ -118,7 +118,7 @@ class Capture:
         if self.ear is None:
             raise RuntimeError("listen() needs a wake word detector")
         self.ear.wake(window_s)
-        self._quiet_since = 0.0  # the echo tail of a cut answer must not eat the words
+        self.waive_echo_tail()
         if self._endpoint is not None:
             self._route(self._endpoint.endpointer.open_armed(window_s * 1000, quiet_ms))
 
@@ -151,10 +151,16 @@ class Capture:
             return True
         return False
 
+    def waive_echo_tail(self) -> None:
+        """The user spoke up (a wake word): what they say next is no echo."""
+        self._quiet_since = 0.0
+
     def _shut(self) -> bool:
         if self.muted:
             return True
-        if self._barge_in:
+        if self._barge_in or self.holding:
+            # Held audio goes nowhere until the home decided; if this device answers,
+            # the answer playing now stops and the words said over it count.
             return False
         # Half duplex: while the assistant talks (and a tail after) the mic is shut.
         if self._session.speaking:

@@ -20,6 +20,7 @@ from typing import Literal
 
 from harkd import events as ev
 from harkd.adapters.base import RealtimeAdapter
+from harkd.arbitration import WINDOW_S, Arbiter
 from harkd.audio import stop_devices
 from harkd.audio.base import AudioInput, AudioOutput, MeterReading
 from harkd.audio.meter import visualization
@@ -156,6 +157,8 @@ class RealtimeClient:
             self._chime = load_sound(self._wake.sound, audio_output.source_rate)
             self._chime_ms = len(self._chime) / (audio_output.source_rate * 2 / 1000)
         self._last_wake: WakeHeard | None = None
+        self.arbiter: Arbiter | None = None
+        """With several devices in a home (`wake.arbitration`): who answers a wake word."""
         self._on_demand = connect == "on_demand"
         self._idle_disconnect_s = idle_disconnect_s
         self._last_activity = time.monotonic()
@@ -370,21 +373,53 @@ class RealtimeClient:
         heard = WakeHeard(detection.word, detection.score, detection.level, ts, answered=True)
         if self._capture.muted:
             return  # muted means deaf: not even the wake word counts
+        wake = self._wake
+        if wake is None:
+            return
         busy = self._session.mode in (RealtimeMode.SPEAKING, RealtimeMode.THINKING)
-        if busy and self._wake is not None and not self._wake.interrupt:
+        if busy and not wake.interrupt:
             log.info("wake word %s while the assistant talks: ignored (wake.interrupt)", heard.word)
             self._emit_wake(heard, answered=False)
             return
-        self._answer_wake(heard)
+        tasks = self._conversation.tasks
+        if self.arbiter is None or not wake.arbitration or tasks is None:
+            self._answer_wake(heard)
+            return
+        # Listen now, but keep what is said back until the home decided who answers.
+        self._capture.holding = True
+        self._capture.listen(wake.timeout_s, self._chime_quiet_ms(WINDOW_S * 1000))
+        tasks.create_task(self._arbitrate(self.arbiter, heard), name="wake-arbitration")
 
-    def _answer_wake(self, heard: WakeHeard) -> None:
-        """This device answers: stop the assistant, listen, chime, open a session."""
+    async def _arbitrate(self, arbiter: Arbiter, heard: WakeHeard) -> None:
+        try:
+            answers = await arbiter.claim(heard.word, heard.score, heard.level, heard.ts)
+        except Exception:  # an arbiter's bug must not cost the user the answer
+            log.exception("wake word arbitration failed; answering")
+            answers = True
+        if not answers or self._capture.muted:
+            self._capture.forget_held()
+            self._emit_wake(heard, answered=False)
+            self._changed()
+            return
+        self._capture.holding = False
+        self._answer_wake(heard, listening=True)
+
+    def _chime_quiet_ms(self, delay_ms: float = 0.0) -> float:
+        """How long the local VAD ignores what it hears: the chime, played after
+        `delay_ms`, and the speaker's latency."""
+        return delay_ms + self._chime_ms + CHIME_QUIET_MARGIN_MS if self._chime else 0.0
+
+    def _answer_wake(self, heard: WakeHeard, *, listening: bool = False) -> None:
+        """This device answers: stop the assistant, listen (unless `listening`
+        already), chime, open a session."""
         if self._wake is None:
             return
         if self._session.mode in (RealtimeMode.SPEAKING, RealtimeMode.THINKING):
             self.interrupt()
-        quiet_ms = self._chime_ms + CHIME_QUIET_MARGIN_MS if self._chime else 0.0
-        self._capture.listen(self._wake.timeout_s, quiet_ms)
+        if listening:
+            self._capture.waive_echo_tail()
+        else:
+            self._capture.listen(self._wake.timeout_s, self._chime_quiet_ms())
         if self._chime and self._output is not None:
             self._output.play(CHIME_ITEM, self._chime)
         self._emit_wake(heard, answered=True)

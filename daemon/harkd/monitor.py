@@ -22,6 +22,7 @@ from typing import Any, TextIO
 import paho.mqtt.client as paho
 from paho.mqtt.reasoncodes import ReasonCode
 
+from .arbitration import CLAIM_TOPIC, Claim
 from .config import MqttConfig
 from .mqtt import make_client
 
@@ -54,6 +55,8 @@ class DeviceView:
     error: str | None = None
     wake: str | None = None
     """The last wake word heard, as a line."""
+    claim: str | None = None
+    """Its last claim to answer a wake word (arbitration), as a line."""
     levels: tuple[float, float] | None = None
     levels_at: float | None = None
     """time.monotonic() of the last level message."""
@@ -87,6 +90,16 @@ def _wake_line(data: dict[str, Any]) -> str:
     return f"{data.get('word')} ({answered})"
 
 
+def _claim(devices: dict[str, DeviceView], payload: bytes) -> str | None:
+    try:
+        claim = Claim.from_json(payload)
+    except ValueError:
+        return None
+    view = devices.setdefault(claim.device, DeviceView(claim.device))
+    view.claim = f"{claim.word} level {claim.level:.3f} score {claim.score:.2f}"
+    return f"{claim.device} claims {view.claim}"
+
+
 def apply(
     devices: dict[str, DeviceView],
     base_topic: str,
@@ -98,6 +111,8 @@ def apply(
 
     None means nothing worth a line (level meters, unknown topics, full messages).
     """
+    if topic == f"{base_topic}/{CLAIM_TOPIC}":
+        return _claim(devices, payload)
     parts = topic.removeprefix(f"{base_topic}/").split("/", 1)
     if not topic.startswith(f"{base_topic}/") or len(parts) != 2:
         return None
@@ -188,6 +203,8 @@ def render(devices: Mapping[str, DeviceView], now: float | None = None) -> str:
                 lines.append(f"  {role:9} ... {_cut(v.partial[role])}")
             elif role in v.final:
                 lines.append(f"  {role:9} {_cut(v.final[role])}")
+        if v.claim:
+            lines.append(f"  claim     {v.claim}")
         if v.wake:
             lines.append(f"  wake      {v.wake}")
         lines.extend(f"  tool      {_cut(call)}" for call in v.tool_calls)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from harkd.adapters.registry import build_adapter, token_source
+from harkd.arbitration import MqttArbiter
 from harkd.audio import open_input, open_output
 from harkd.backoff import Backoff
 from harkd.client import RealtimeClient
@@ -226,11 +227,23 @@ class Daemon:
 
     def _make_bridge(self, config: Config) -> MqttBridge | None:
         if not config.mqtt.enabled:
+            self.client.arbiter = None  # alone: every wake word is this device's
             return None
         words = [Path(w.model).stem for w in config.wake.words] if config.wake.enabled else []
-        return MqttBridge(
+        bridge = MqttBridge(
             config.mqtt, config.device, config.mqtt_password(), self.client, wake_words=words
         )
+        self.client.arbiter = None
+        if config.wake.enabled and config.wake.arbitration:
+            arbiter = MqttArbiter(
+                config.device.id,
+                config.mqtt.base_topic,
+                publish=lambda topic, payload: bridge.publish(topic, payload, qos=1),
+                connected=lambda: bridge.connected,
+            )
+            bridge.subscribe(arbiter.topic, arbiter.received)
+            self.client.arbiter = arbiter
+        return bridge
 
     def _start_mqtt(
         self, tasks: asyncio.TaskGroup, after: asyncio.Task[None] | None = None
