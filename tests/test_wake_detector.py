@@ -148,10 +148,25 @@ def test_an_armed_turn_without_speech_is_dropped_after_its_wait() -> None:
 def test_the_chime_does_not_open_a_turn_by_itself() -> None:
     chime = load_sound("chime", 16_000)
     endpointer = Endpointer(VadConfig())
-    endpointer.open_armed(wait_ms=1500, quiet_ms=len(chime) / 32 + 250)
+    endpointer.open_armed(wait_ms=1500)
+    endpointer.hold_off(len(chime) / 32, 200)
     events = run_vad(endpointer, chime + silence(2000))
     assert not any(isinstance(e, TurnClosed) for e in events)
     assert any(isinstance(e, TurnDropped) for e in events)
+    # Without the hold-off the chime would have been a turn of its own.
+    endpointer.open_armed(wait_ms=1500)
+    events = run_vad(endpointer, silence(300) + chime + silence(2000))
+    assert any(isinstance(e, TurnClosed) for e in events)
+
+
+def test_speech_over_the_chime_still_opens_the_turn() -> None:
+    chime = load_sound("chime", 16_000)
+    question = speech_pcm("what time is it")
+    endpointer = Endpointer(VadConfig())
+    endpointer.open_armed(wait_ms=3000)
+    endpointer.hold_off(len(chime) / 32, 200)
+    events = run_vad(endpointer, mix(chime, question) + silence(1000))
+    assert any(isinstance(e, TurnClosed) for e in events)
 
 
 # --------------------------------------------------------------------------- config

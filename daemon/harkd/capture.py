@@ -111,16 +111,21 @@ class Capture:
         self._turn_events(self._endpoint.endpointer.close_now())
         return True
 
-    def listen(self, window_s: float, quiet_ms: float = 0) -> None:
+    def listen(self, window_s: float) -> None:
         """Woken (a wake word, `cmd/listen`, a follow-up): audio leaves from now on,
-        and speech must start within `window_s`. The first `quiet_ms` never open a
-        turn by themselves (the chime plays then). Raises without a wake word."""
+        and speech must start within `window_s`. Raises without a wake word."""
         if self.ear is None:
             raise RuntimeError("listen() needs a wake word detector")
         self.ear.wake(window_s)
         self.waive_echo_tail()
         if self._endpoint is not None:
-            self._route(self._endpoint.endpointer.open_armed(window_s * 1000, quiet_ms))
+            self._route(self._endpoint.endpointer.open_armed(window_s * 1000))
+
+    def sound_playing(self, sound_ms: float, latency_ms: float) -> None:
+        """The device plays a sound of its own (the chime), `sound_ms` long, that the
+        microphone hears within `latency_ms`: it must not start a turn by itself."""
+        if self._endpoint is not None:
+            self._endpoint.endpointer.hold_off(sound_ms, latency_ms)
 
     def forget_held(self) -> None:
         """Another device answers: what was kept back is forgotten, and the ear sleeps."""

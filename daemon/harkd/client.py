@@ -20,7 +20,7 @@ from typing import Literal
 
 from harkd import events as ev
 from harkd.adapters.base import RealtimeAdapter
-from harkd.arbitration import WINDOW_S, Arbiter
+from harkd.arbitration import Arbiter
 from harkd.audio import stop_devices
 from harkd.audio.base import AudioInput, AudioOutput, MeterReading
 from harkd.audio.meter import visualization
@@ -53,9 +53,9 @@ log = logging.getLogger(__name__)
 CHIME_ITEM = "harkd-wake-chime"
 """The speaker's name for the chime: no answer of the conversation."""
 
-CHIME_QUIET_MARGIN_MS = 250
-"""Beyond the chime's length, how long the local VAD ignores what it hears (the
-speaker's own latency): the chime must not open a turn by itself."""
+SPEAKER_LATENCY_MS = 200
+"""How late the microphone may hear the chime after it was queued (the speaker's
+buffer and the room): the chime must not open a turn by itself."""
 
 IDLE_CHECK_S = 1.0
 """How often an on-demand session checks whether it has been idle long enough."""
@@ -387,7 +387,7 @@ class RealtimeClient:
             return
         # Listen now, but keep what is said back until the home decided who answers.
         self._capture.holding = True
-        self._capture.listen(wake.timeout_s, self._chime_quiet_ms(WINDOW_S * 1000))
+        self._capture.listen(wake.timeout_s)
         tasks.create_task(self._arbitrate(self.arbiter, heard), name="wake-arbitration")
 
     async def _arbitrate(self, arbiter: Arbiter, heard: WakeHeard) -> None:
@@ -404,11 +404,6 @@ class RealtimeClient:
         self._capture.holding = False
         self._answer_wake(heard, listening=True)
 
-    def _chime_quiet_ms(self, delay_ms: float = 0.0) -> float:
-        """How long the local VAD ignores what it hears: the chime, played after
-        `delay_ms`, and the speaker's latency."""
-        return delay_ms + self._chime_ms + CHIME_QUIET_MARGIN_MS if self._chime else 0.0
-
     def _answer_wake(self, heard: WakeHeard, *, listening: bool = False) -> None:
         """This device answers: stop the assistant, listen (unless `listening`
         already), chime, open a session."""
@@ -419,9 +414,10 @@ class RealtimeClient:
         if listening:
             self._capture.waive_echo_tail()
         else:
-            self._capture.listen(self._wake.timeout_s, self._chime_quiet_ms())
+            self._capture.listen(self._wake.timeout_s)
         if self._chime and self._output is not None:
             self._output.play(CHIME_ITEM, self._chime)
+            self._capture.sound_playing(self._chime_ms, SPEAKER_LATENCY_MS)
         self._emit_wake(heard, answered=True)
         self._need_session()
         self._changed()

@@ -43,8 +43,15 @@ Decision rules (frames of `frame_ms`, durations rounded up to whole frames):
 - After a wake word: `open_armed` opens a turn at once, so everything said after the
   wake word is streamed (nothing of it is lost to the opening decision), but the turn
   is armed: it counts no speech and does not close on silence until the opening rule
-  above is met; with no speech within its wait it is dropped. Its first `quiet_ms`
-  never count as speech (the wake chime plays then).
+  above is met; with no speech within its wait it is dropped.
+- A hold-off keeps an armed turn from starting on a sound of the device's own (the
+  wake chime, `hold_off`) or on a fresh VAD's first frames: for its length no frame
+  starts the turn, but its speech frames are counted. The sound explains at most its
+  own length plus the short-sound hangover of speech; if more than that plus the
+  opening's speech was heard, the user spoke over it and the turn starts when the
+  hold-off ends. It lasts a window longer than the sound could be heard, so the sound
+  alone has left the opening window by then. Nothing of what was said is lost either
+  way: an armed turn streams every frame.
 - Push-to-talk: `open_now` opens a turn regardless of the VAD with the last
   `preroll_ms` as preroll; such a turn does not close on silence, only on
   `close_now` (`"manual"`) or at `max_turn_s`, and all of its audio counts as
@@ -135,6 +142,7 @@ class Endpointer:
         samples = VAD_RATE * frame_ms // 1000
         self._frame_bytes = 2 * samples
         hangover = _SHORT_HANGOVER_FRAMES[config.aggressiveness][frame_ms]
+        self._hangover = hangover
         self._start_frames = _frames(config.start_ms, frame_ms) + hangover
         window = self._start_frames + 1  # one non-speech frame tolerated
         self._window_mask = (1 << window) - 1
@@ -158,6 +166,9 @@ class Endpointer:
         self._manual = False
         self._armed = False
         self._wait_left = 0
+        self._hold_left = 0
+        self._hold_speech = 0
+        self._hold_explained = 0
         self._turn_frames = 0
         self._speech_frames = 0
         self._silent_run = 0
@@ -225,16 +236,30 @@ class Endpointer:
         self._start_turn(manual=True, turn_frames=0, speech_frames=0)
         return [TurnOpened(preroll)]
 
-    def open_armed(self, wait_ms: float, quiet_ms: float = 0) -> list[VadEvent]:
+    def open_armed(self, wait_ms: float) -> list[VadEvent]:
         """A wake word was heard: open an armed turn now (see the module docstring),
         dropped unless speech starts within `wait_ms`; whatever was open before is
         forgotten."""
         self.reset()
-        self._warmup_left = max(self._warmup_frames, _frames(quiet_ms, self._frame_ms))
+        # The fresh VAD's first frames are held off rather than lost to a warm-up.
+        self._warmup_left = 0
+        self._hold_left = self._warmup_frames
+        self._hold_explained = 1 + self._hangover
         self._start_turn(manual=False, turn_frames=0, speech_frames=0)
         self._armed = True
         self._wait_left = _frames(wait_ms, self._frame_ms)
         return [TurnOpened(())]
+
+    def hold_off(self, sound_ms: float, latency_ms: float) -> None:
+        """While the turn is armed, a sound of the device's own, `sound_ms` long and
+        heard within `latency_ms` of now, cannot start it (see the module docstring).
+        Once speech started it changes nothing: the user talks."""
+        if not self._armed:
+            return
+        window = self._window_mask.bit_length()  # the sound must have left it
+        heard_for = _frames(sound_ms + latency_ms, self._frame_ms) + window
+        self._hold_left = max(self._hold_left, heard_for)
+        self._hold_explained += _frames(sound_ms, self._frame_ms) + self._hangover
 
     def close_now(self) -> list[VadEvent]:
         """Push-to-talk released: close the open turn (nothing when none is open)."""
@@ -244,9 +269,20 @@ class Endpointer:
 
     def _armed_frame(self, speech: bool, payload: bytes) -> list[VadEvent]:
         self._window = ((self._window << 1) | speech) & self._window_mask
-        if speech and self._window.bit_count() >= self._start_frames:
+        started = 0
+        if self._hold_left:
+            self._hold_left -= 1
+            self._hold_speech += speech
+            if not self._hold_left:
+                # More speech than the held-off sound explains: the user talked over it.
+                over = self._hold_speech - self._hold_explained
+                started = over if over >= self._start_frames else 0
+                self._hold_speech = self._hold_explained = 0
+        elif speech and self._window.bit_count() >= self._start_frames:
+            started = self._window.bit_count()
+        if started:
             self._armed = False  # speech started: from here on an ordinary turn
-            self._speech_frames = self._window.bit_count()
+            self._speech_frames = started
             self._window = 0
             return [TurnAudio(payload)]
         self._wait_left -= 1
