@@ -15,6 +15,7 @@ from harkd.adapters.openai import OpenAIRealtimeAdapter
 from harkd.adapters.registry import ENTRY_POINT_GROUP, build_adapter, token_source
 from harkd.config import ConfigError, RealtimeConfig, parse_config
 from harkd.testing import FakeRealtimeServer
+from harkd.testing.fakes import fake_server
 
 KEY = "sk-test-providers-0123"
 
@@ -29,6 +30,15 @@ class AcmeAdapter:
 
 def make_acme(config: RealtimeConfig) -> AcmeAdapter:
     return AcmeAdapter("acme", config.url)
+
+
+class AcmeFake(FakeRealtimeServer):
+    """A third party's fake: the OpenAI fake under its own name."""
+
+    provider = "acme"
+
+
+make_acme.harkd_fake = "test_config_providers:AcmeFake"  # type: ignore[attr-defined]
 
 
 NOT_CALLABLE = 42
@@ -191,3 +201,12 @@ def test_rollover_must_come_before_the_providers_session_limit(provider: str) ->
     assert (
         f"realtime.rollover_s: must be below the 3600 s session limit of provider {provider}"
     ) in message
+
+
+async def test_a_third_party_fake_serves_demo_and_fake_server(third_party: None) -> None:
+    server = fake_server("acme", api_keys={KEY})
+    assert isinstance(server, AcmeFake)
+    async with server:
+        assert server.realtime_config(KEY)["provider"] == "acme"
+    with pytest.raises(registry.ProviderUnavailable, match="'broken'"):
+        fake_server("broken")

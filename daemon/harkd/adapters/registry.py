@@ -223,7 +223,9 @@ def find_provider(name: str) -> Provider:
         ) from exc
     if not callable(factory):
         raise ProviderUnavailable(f"provider {name!r}: {entry.value} is not callable")
-    return Provider(name, factory)
+    # A third party names its fake (`module:attribute`) on the factory, if it has one.
+    fake = getattr(factory, "harkd_fake", None)
+    return Provider(name, factory, fake=fake if isinstance(fake, str) else None)
 
 
 def build_adapter(config: RealtimeConfig) -> RealtimeAdapter:
