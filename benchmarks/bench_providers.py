@@ -67,8 +67,15 @@ def providers() -> list[str]:
     return sorted(named, key=lambda name: name != BASELINE)
 
 
-def new_fake(provider: str) -> ProviderFake:
-    return fake_server(provider, bs.bench_script(), api_keys={API_KEY}, record=False)
+def new_fake(provider: str, *, validate: bool = True) -> ProviderFake:
+    """`provider`'s fake with the bench's script. `validate=False` turns off checking
+    every client event where a fake can (its `strict`): the fake shares the bench's
+    event loop, and a fake busy validating reads the daemon's socket late, which would
+    count against harkd's uplink (bench_session's latency server does the same)."""
+    fake = fake_server(provider, bs.bench_script(), api_keys={API_KEY}, record=False)
+    if not validate and hasattr(fake, "strict"):
+        fake.strict = False
+    return fake
 
 
 def rates(realtime: dict[str, Any]) -> tuple[int, int]:
@@ -232,19 +239,35 @@ def turn_overhead(marks: list[list[Any]]) -> list[float]:
 # --------------------------------------------------------------------------- measurements
 
 
-async def wait_connected(sock: socket.socket, timeout_s: float) -> None:
-    """Until the daemon behind `sock` (its NOTIFY_SOCKET) says it is connected."""
-    loop = asyncio.get_running_loop()
-    async with asyncio.timeout(timeout_s):
-        while b"STATUS=connected" not in await loop.sock_recv(sock, 4096):
-            pass
+class Notifications:
+    """A NOTIFY_SOCKET owned by the bench, read for as long as the daemon runs: a
+    daemon blocks on a full notification socket, so nobody reading it would stall the
+    very loop being measured. `connected` is set when the daemon says so."""
 
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.connected = asyncio.Event()
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(str(path))
+        self._sock.setblocking(False)
+        self._task: asyncio.Task[None] | None = None
 
-def notify_socket(path: Path) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(path))
-    sock.setblocking(False)
-    return sock
+    async def _read(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if b"STATUS=connected" in await loop.sock_recv(self._sock, 4096):
+                self.connected.set()
+
+    async def __aenter__(self) -> Notifications:
+        self._task = asyncio.create_task(self._read(), name=f"notify-{self.path.name}")
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._sock.close()
+        self.path.unlink(missing_ok=True)
 
 
 async def latency(provider: str, pulse: Any, workdir: Path, turns: int) -> dict[str, Any]:
@@ -254,7 +277,7 @@ async def latency(provider: str, pulse: Any, workdir: Path, turns: int) -> dict[
         lead_ms + turns * period_ms, [lead_ms + i * period_ms for i in range(turns)], speech_ms
     )
     stamps_path = workdir / f"stamps-{provider}.json"
-    async with new_fake(provider) as fake:
+    async with new_fake(provider, validate=False) as fake:
         config = write_config(
             workdir / f"latency-{provider}.yaml",
             fake.realtime_config(API_KEY),
@@ -262,26 +285,23 @@ async def latency(provider: str, pulse: Any, workdir: Path, turns: int) -> dict[
             "pulse",
             "pulse",
         )
-        sock_path = workdir / f"notify-l-{provider}.sock"
-        sock = notify_socket(sock_path)
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            __file__,
-            "--child",
-            str(config),
-            str(stamps_path),
-            env=dict(pulse.env, NOTIFY_SOCKET=str(sock_path)),
-            stderr=(workdir / f"latency-{provider}.log").open("wb"),
-        )
-        try:
-            await wait_connected(sock, 30)
-            await asyncio.sleep(0.3)
-            await bs._play_into_room(pulse, pcm)
-            await asyncio.sleep(1.5)
-        finally:
-            code = await bs._terminate(proc)
-            sock.close()
-            sock_path.unlink(missing_ok=True)
+        async with Notifications(workdir / f"notify-l-{provider}.sock") as notes:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                __file__,
+                "--child",
+                str(config),
+                str(stamps_path),
+                env=dict(pulse.env, NOTIFY_SOCKET=str(notes.path)),
+                stderr=(workdir / f"latency-{provider}.log").open("wb"),
+            )
+            try:
+                await asyncio.wait_for(notes.connected.wait(), 30)
+                await asyncio.sleep(0.3)
+                await bs._play_into_room(pulse, pcm)
+                await asyncio.sleep(1.5)
+            finally:
+                code = await bs._terminate(proc)
     stamps = json.loads(stamps_path.read_text())
     return {
         "uplink_ms": bs.summary(uplink(stamps["captured"], stamps["sent"])),
@@ -310,22 +330,21 @@ async def cost_round(
                 None,
                 log_level="info",  # each tool call is logged: the turns are counted
             )
-            sock_path = workdir / f"notify-c-{name}.sock"
-            sock = notify_socket(sock_path)
+            notes = await stack.enter_async_context(
+                Notifications(workdir / f"notify-c-{name}.sock")
+            )
             log = workdir / f"cost-{name}.log"
             proc = await asyncio.create_subprocess_exec(
                 bs.harkd_bin(),
                 "run",
                 "-c",
                 str(config),
-                env=dict(NOTIFY_SOCKET=str(sock_path), **_plain_env()),
+                env=dict(_plain_env(), NOTIFY_SOCKET=str(notes.path)),
                 stderr=log.open("wb"),
             )
             stack.push_async_callback(bs._terminate, proc)
-            stack.callback(sock_path.unlink, missing_ok=True)
-            stack.callback(sock.close)
             try:
-                await wait_connected(sock, 30)
+                await asyncio.wait_for(notes.connected.wait(), 30)
             except TimeoutError:
                 results[name] = {"error": f"never connected: {_tail(log)}"}
                 await bs._terminate(proc)

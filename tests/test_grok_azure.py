@@ -19,11 +19,12 @@ from typing import Any
 import pytest
 
 from e2e import Running, fake_client, sent_types, until
+from harkd import events as ev
 from harkd.adapters import registry
 from harkd.adapters.azure import AZURE
 from harkd.adapters.base import AuthenticationFailed, ConnectionFailed
-from harkd.adapters.grok import GROK
-from harkd.adapters.openai import Dialect, OpenAIRealtimeAdapter, openai_realtime
+from harkd.adapters.grok import GROK, grok_session_update
+from harkd.adapters.openai import Dialect, OpenAIRealtimeAdapter, encode, openai_realtime
 from harkd.adapters.registry import build_adapter, token_source
 from harkd.audio.wav import WavInput, WavOutput
 from harkd.client import RealtimeClient
@@ -37,7 +38,13 @@ from harkd.messages import (
     RealtimeToken,
     ToolCallFinished,
 )
-from harkd.testing import FakeRealtimeServer, FakeScript, ToolRule, validate_client_event
+from harkd.testing import (
+    ClientEventInvalid,
+    FakeRealtimeServer,
+    FakeScript,
+    ToolRule,
+    validate_client_event,
+)
 from harkd.testing.fake_dialects import FakeAzureServer, FakeGrokServer
 from harkd.testing.xai_validation import validate_grok_event
 from harkd.tokens import TokenSource, static_token
@@ -45,6 +52,7 @@ from harkd.tools import Tool, ToolCall
 from harkd_process import HARKD, Harkd, daemon_config, harkd_env, run_harkd, write_config
 from mosquitto import free_port
 from speech_fixtures import silence, speech_pcm, write_wav
+from test_openai_adapter import COMMANDS
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -128,22 +136,60 @@ async def test_grok_gets_its_own_flat_session_and_is_greeted_its_own_way() -> No
     assert_provider_took_everything(server)
 
 
-async def test_grok_manual_turns_send_a_null_turn_detection() -> None:
-    async with FakeGrokServer(api_keys={KEY}) as server:
-        client = client_for(server, vad_mode="manual")
-        await client.connect()
-        try:
-            [update] = [e for _, e in server.received if e["type"] == "session.update"]
-            assert update["session"]["turn_detection"] is None
-            assert server.sessions[0].config["audio"]["input"]["turn_detection"] is None
-        finally:
-            await client.disconnect()
+async def test_grok_manual_turns_are_committed_and_answered(
+    speech_wav: Path, tmp_path: Path
+) -> None:
+    script = FakeScript(user_transcripts=[SENTENCE], reply=ANSWER)
+    async with FakeGrokServer(script=script, api_keys={KEY}) as server:
+        client = client_for(
+            server,
+            vad_mode="manual",  # harkd's own VAD decides the turn
+            audio_input=WavInput(speech_wav),
+            audio_output=WavOutput(tmp_path / "answer.wav"),
+        )
+        done = finals(client)
+        async with Running(client):
+            await until(lambda: any(m.message.role == "assistant" for m in done), what="answer")
+        [update] = [e for _, e in server.received if e["type"] == "session.update"]
+        assert update["session"]["turn_detection"] is None
+        session = server.sessions[0]
+        assert (session.commits, session.auto_commits) == (1, 0)
+        types = sent_types(server)
+        assert types[types.index("input_audio_buffer.commit") + 1] == "response.create"
+        assert [(m.role, m.text) for m in client.messages] == [
+            ("user", SENTENCE),
+            ("assistant", ANSWER),
+        ]
     assert_provider_took_everything(server)
 
 
-def test_grok_refuses_what_it_does_not_document() -> None:
-    from harkd.testing import ClientEventInvalid
+@pytest.mark.parametrize(
+    ("command", "wire_type"),
+    COMMANDS,
+    ids=[f"{type(c).__name__}-{i}" for i, (c, _) in enumerate(COMMANDS)],
+)
+def test_grok_traits_match_what_its_wire_takes(command: ev.Command, wire_type: str) -> None:
+    """Every neutral command Grok's traits let the session send is a Grok event; the
+    one they rule out (truncation) is refused by Grok."""
+    event = encode(command)
+    if isinstance(command, ev.TruncateItem):
+        assert not GROK.traits.can_truncate
+        with pytest.raises(ClientEventInvalid):
+            validate_grok_event(event)
+    else:
+        validate_grok_event(event)
 
+
+@pytest.mark.parametrize("vad_mode", ["server", "manual"])
+def test_grok_session_updates_are_grok_events(vad_mode: Any) -> None:
+    settings = SessionSettings("Be brief.", "ara", vad_mode=vad_mode, tools=(TIME_TOOL.spec(),))
+    validate_grok_event(grok_session_update(settings))
+    assert GROK.traits.server_turns and GROK.traits.manual_turns
+    with pytest.raises(ValueError, match="semantic"):
+        grok_session_update(SessionSettings("Be brief.", "ara", vad_mode="semantic"))
+
+
+def test_grok_refuses_what_it_does_not_document() -> None:
     truncate = {"type": "conversation.item.truncate", "item_id": "i", "content_index": 0}
     with pytest.raises(ClientEventInvalid, match="Unknown client event type"):
         validate_grok_event({**truncate, "audio_end_ms": 10})

@@ -1,7 +1,8 @@
 """OpenAI Realtime (GA) over WebSocket: the wire mapping and the transport.
 
 Everything harkd sends is GA-shaped; decoding accepts the retired beta event names
-as a fallback. The transport keeps two lanes so control commands (cancel, truncate,
+as a fallback. Providers that speak these events with a few differences of their own
+(xAI Grok, Azure OpenAI) reuse all of it through a `Dialect`. The transport keeps two lanes so control commands (cancel, truncate,
 turn end, tool results) never wait behind queued microphone audio.
 """
 
@@ -420,6 +421,7 @@ _IGNORED = frozenset(
         "output_audio_buffer.stopped",
         "output_audio_buffer.cleared",
         "conversation.created",
+        "ping",  # xAI's keep-alive
     }
 )
 
