@@ -115,7 +115,7 @@ def speech_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # --------------------------------------------------------------------------- wire shape
 
 
-async def test_grok_gets_its_own_flat_session_and_is_greeted_its_own_way() -> None:
+async def test_grok_gets_its_own_flat_session_update() -> None:
     async with FakeGrokServer(api_keys={KEY}) as server:
         client = client_for(server)
         await client.connect()

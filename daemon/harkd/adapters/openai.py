@@ -2,8 +2,9 @@
 
 Everything harkd sends is GA-shaped; decoding accepts the retired beta event names
 as a fallback. Providers that speak these events with a few differences of their own
-(xAI Grok, Azure OpenAI) reuse all of it through a `Dialect`. The transport keeps two lanes so control commands (cancel, truncate,
-turn end, tool results) never wait behind queued microphone audio.
+(xAI Grok, Azure OpenAI) reuse all of it through a `Dialect`. The transport keeps two
+lanes so control commands (cancel, truncate, turn end, tool results) never wait behind
+queued microphone audio.
 """
 
 from __future__ import annotations
