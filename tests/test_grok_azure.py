@@ -27,6 +27,7 @@ from harkd.adapters.grok import GROK, grok_session_update
 from harkd.adapters.openai import Dialect, OpenAIRealtimeAdapter, encode, openai_realtime
 from harkd.adapters.registry import build_adapter, token_source
 from harkd.audio.wav import WavInput, WavOutput
+from harkd.backoff import Backoff
 from harkd.client import RealtimeClient
 from harkd.config import RealtimeConfig, parse_config
 from harkd.events import SessionSettings
@@ -90,12 +91,14 @@ def client_for(server: FakeRealtimeServer, **options: Any) -> RealtimeClient:
 
 
 def assert_provider_took_everything(server: FakeRealtimeServer) -> None:
-    """Every client event validates for this provider, and none earned an error."""
+    """Every client event validates for this provider, and none earned an error (the
+    provider's own notice that a session hit its limit is no reply to the client)."""
     validate = validate_grok_event if server.provider == "grok" else validate_client_event
     assert server.received, "nothing was sent"
     for _, event in server.received:
         validate(event)
-    assert server.errors_sent == []
+    replies = [e for e in server.errors_sent if e["error"]["code"] != "session_expired"]
+    assert replies == []
 
 
 def finals(client: RealtimeClient) -> list[MessageFinalized]:
@@ -329,6 +332,24 @@ async def test_a_drop_reconnects_and_replays_the_conversation(provider: str) -> 
             # And the conversation goes on on the new connection.
             client.send_text("and now?")
             await until(lambda: len(client.messages) == 4, what="an answer after the drop")
+        finally:
+            await client.disconnect()
+        assert_provider_took_everything(server)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+async def test_the_providers_session_limit_moves_to_a_new_session(provider: str) -> None:
+    async with FAKES[provider](api_keys={KEY}, max_session_s=0.5) as server:
+        client = client_for(server, reconnect=Backoff(5, 10))  # so no backoff is waited
+        await client.connect()
+        try:
+            client.send_text("remember the word banana")
+            await until(lambda: len(server.sessions) >= 2, what="a new session at once")
+            await until(lambda: client.status is RealtimeStatus.CONNECTED, what="reconnected")
+            await until(
+                lambda: "conversation.item.create" in sent_types(server, 1),
+                what="the conversation replayed",
+            )
         finally:
             await client.disconnect()
         assert_provider_took_everything(server)
