@@ -82,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--speaker", help="ALSA PCM or file:PATH.wav for the answer audio")
     demo.add_argument("--state-dir", help="where the demo keeps its journal (default: a temp dir)")
     demo.add_argument("--provider", default="openai", help="whose fake server (default: openai)")
+    demo.add_argument(
+        "--wake", action="store_true", help="wait for the wake word first (okay nabu)"
+    )
     return parser
 
 
@@ -170,7 +173,12 @@ def _demo(args: argparse.Namespace) -> int:
 
     try:
         return asyncio.run(
-            run_demo(speaker=args.speaker, state_dir=args.state_dir, provider=args.provider)
+            run_demo(
+                speaker=args.speaker,
+                state_dir=args.state_dir,
+                provider=args.provider,
+                wake=args.wake,
+            )
         )
     except ProviderUnavailable as exc:
         print(f"harkd demo: {exc}", file=sys.stderr)

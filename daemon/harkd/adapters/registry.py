@@ -155,6 +155,28 @@ def _azure_check(config: RealtimeConfig) -> None:
         raise ValueError(f"realtime.url: required for provider azure ({AZURE_URL_SHAPE})")
 
 
+ELEVENLABS_URL = "wss://api.elevenlabs.io/v1/convai/conversation"
+ELEVENLABS_AGENT_VOICE = "agent"
+"""ElevenLabs' default `realtime.voice`: the agent's own voice (no override is sent)."""
+
+
+def _elevenlabs(config: RealtimeConfig) -> RealtimeAdapter:
+    from harkd.adapters.elevenlabs import ElevenLabsAdapter
+
+    assert config.agent_id is not None  # _elevenlabs_check refused the config otherwise
+    return ElevenLabsAdapter(
+        config.agent_id,
+        config.url or ELEVENLABS_URL,
+        ping_interval_s=config.ping_interval_s,
+        ping_timeout_s=config.ping_timeout_s,
+    )
+
+
+def _elevenlabs_check(config: RealtimeConfig) -> None:
+    if not config.agent_id:
+        raise ValueError("realtime.agent_id: required for provider elevenlabs")
+
+
 BUILTIN: dict[str, Provider] = {
     "openai": Provider(
         "openai",
@@ -191,6 +213,17 @@ BUILTIN: dict[str, Provider] = {
         fake="harkd.testing.fake_dialects:FakeGrokServer",
         key_variable="XAI_API_KEY",
         session_limit_s=GROK_SESSION_LIMIT_S,
+    ),
+    # A public agent needs no key; with realtime.api_key harkd fetches a signed URL
+    # (private agents). The agent's own turn model decides every turn.
+    "elevenlabs": Provider(
+        "elevenlabs",
+        _elevenlabs,
+        url=ELEVENLABS_URL,
+        voice=ELEVENLABS_AGENT_VOICE,
+        turn_detection=frozenset({"server_vad"}),
+        check=_elevenlabs_check,
+        fake="harkd.testing.elevenlabs_fake:ElevenLabsFakeServer",
     ),
 }
 

@@ -493,6 +493,11 @@ class FakeRealtimeServer:
         """The first server event of a connection."""
         return {"type": "session.created", "session": self.session_to_wire(config)}
 
+    @property
+    def audio_ms_received(self) -> float:
+        """Microphone audio received so far, over all sessions, in milliseconds."""
+        return sum(session.audio_ms_received for session in self.sessions)
+
     # ---- injection
 
     def fail_auth_next(self, n: int = 1) -> None:

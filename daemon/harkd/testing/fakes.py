@@ -46,6 +46,10 @@ class ProviderFake(Protocol):
     def realtime_config(self, api_key: str) -> dict[str, Any]:
         """The `realtime:` section that points harkd at this fake with `api_key`."""
 
+    @property
+    def audio_ms_received(self) -> float:
+        """Microphone audio received so far, over all sessions, in milliseconds."""
+
 
 def fake_server(
     provider: str,
