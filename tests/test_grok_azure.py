@@ -11,7 +11,10 @@ provider. Every message the client sends is one the provider takes.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -404,6 +407,36 @@ async def test_ephemeral_secrets_are_minted_with_the_key_and_connect(provider: s
         finally:
             await client.disconnect()
         assert_provider_took_everything(server)
+
+
+def post_json(url: str, body: Any, headers: dict[str, str]) -> tuple[int, Any]:
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={**headers, "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.load(exc)
+
+
+async def test_xai_mints_secrets_from_a_lifetime_alone() -> None:
+    async with FakeGrokServer(api_keys={KEY}) as server:
+        url = f"{server.http_url}/v1/realtime/client_secrets"
+        auth = {"Authorization": f"Bearer {KEY}"}
+        openai_shaped = {
+            "expires_after": {"anchor": "created_at", "seconds": 300},
+            "session": {"type": "realtime", "model": "grok-voice-latest"},
+        }
+        status, _ = await asyncio.to_thread(post_json, url, openai_shaped, auth)
+        assert status == 400  # xAI takes no session and no anchor
+        status, reply = await asyncio.to_thread(
+            post_json, url, {"expires_after": {"seconds": 300}}, auth
+        )
+        assert status == 200 and set(reply) == {"value", "expires_at"}
 
 
 async def test_a_bad_key_cannot_mint_secrets() -> None:

@@ -90,7 +90,7 @@ class FakeGrokServer(FakeRealtimeServer):
         conversation = {"id": f"conv_{secrets.token_hex(10)}", "object": "realtime.conversation"}
         return {"type": "conversation.created", "conversation": conversation}
 
-    def _mint(self, body: Any) -> dict[str, Any]:
+    def mint_secret(self, body: Any) -> dict[str, Any]:
         if not isinstance(body, dict) or set(body) != {"expires_after"}:
             raise ValueError("the body takes expires_after only (no session)")
         expires_after = body["expires_after"]

@@ -358,8 +358,8 @@ class FakeRealtimeServer:
     wall clock used for ephemeral key expiry (injectable for tests).
 
     A provider that speaks OpenAI's events with its own differences (xAI Grok, Azure)
-    gets its fake by subclassing and overriding the class attributes and the few hooks
-    under "provider differences" (see ``fake_dialects``).
+    gets its fake by subclassing and overriding the class attributes, the few hooks
+    under "provider differences" and ``mint_secret`` (see ``fake_dialects``).
     """
 
     provider = "openai"
@@ -663,14 +663,16 @@ class FakeRealtimeServer:
             return HttpReply(401, _http_error(message, "invalid_request_error", "invalid_api_key"))
         try:
             body = json.loads(request.body or b"{}")
-            return HttpReply(200, self._mint(body))
+            return HttpReply(200, self.mint_secret(body))
         except (ValueError, TypeError, _ProtocolError) as exc:
             param = exc.param if isinstance(exc, _ProtocolError) else None
             error = _http_error(str(exc), "invalid_request_error", "invalid_value")
             error["error"]["param"] = param
             return HttpReply(400, error)
 
-    def _mint(self, body: Any) -> dict[str, Any]:
+    def mint_secret(self, body: Any) -> dict[str, Any]:
+        """A client-secrets request body -> the reply (a provider hook; raises
+        ``ValueError``, ``TypeError`` or a protocol error for a request it refuses)."""
         if not isinstance(body, dict):
             raise TypeError("body must be a JSON object")
         seconds = body.get("expires_after", {}).get("seconds", 600)
