@@ -299,6 +299,12 @@ class Config(_Section):
                 f"realtime.turn_detection: {r.turn_detection} is not supported by provider "
                 f"{r.provider} (supported: {supported})"
             )
+        limit_s = provider.session_limit_s
+        if limit_s is not None and r.rollover_s >= limit_s:
+            raise ValueError(
+                f"realtime.rollover_s: must be below the {limit_s:g} s session limit of "
+                f"provider {r.provider}"
+            )
         if provider.check is not None:
             provider.check(r)
         return self
@@ -469,8 +475,9 @@ def _check_state(config: Config, sections: Collection[str] | None = None) -> lis
     realtime = config.realtime
     missing_key = realtime.api_key is None and realtime.api_key_file is None
     wants_key = sections is None or "realtime" in sections
-    if wants_key and missing_key and find_provider(realtime.provider).needs_api_key:
-        variable = f"{realtime.provider.upper()}_API_KEY"
+    provider = find_provider(realtime.provider)
+    if wants_key and missing_key and provider.needs_api_key:
+        variable = provider.key_variable or f"{realtime.provider.upper()}_API_KEY"
         problems.append(
             f"realtime.api_key: required for provider {realtime.provider} "
             f"(set api_key, e.g. ${{{variable}}}, or api_key_file)"
