@@ -80,6 +80,25 @@ def _openai_secrets(api_key: str, config: RealtimeConfig) -> TokenSource:
     )
 
 
+GEMINI_URL = (
+    "wss://generativelanguage.googleapis.com/ws/"
+    "google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent"
+)
+GEMINI_MODEL = "gemini-3.8-live"
+GEMINI_VOICE = "Puck"
+
+
+def _gemini(config: RealtimeConfig) -> RealtimeAdapter:
+    from harkd.adapters.gemini import GeminiLiveAdapter
+
+    return GeminiLiveAdapter(
+        config.model or GEMINI_MODEL,
+        config.url or GEMINI_URL,
+        ping_interval_s=config.ping_interval_s,
+        ping_timeout_s=config.ping_timeout_s,
+    )
+
+
 BUILTIN: dict[str, Provider] = {
     "openai": Provider(
         "openai",
@@ -90,6 +109,17 @@ BUILTIN: dict[str, Provider] = {
         needs_api_key=True,
         mint_tokens=_openai_secrets,
         fake="harkd.testing.fake_server:FakeRealtimeServer",
+    ),
+    "gemini": Provider(
+        "gemini",
+        _gemini,
+        url=GEMINI_URL,
+        model=GEMINI_MODEL,
+        voice=GEMINI_VOICE,
+        needs_api_key=True,
+        # No semantic VAD: the server's activity detection or harkd's own turns.
+        turn_detection=frozenset({"server_vad", "manual"}),
+        fake="harkd.testing.gemini_fake:GeminiFakeServer",
     ),
 }
 

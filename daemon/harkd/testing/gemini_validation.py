@@ -1,0 +1,79 @@
+"""Validation of Gemini Live client messages against the `google-genai` package's models.
+
+`LiveClientMessage` (pydantic, unknown fields forbidden, camelCase aliases, base64 bytes)
+is the wire message the service takes. One gap of the SDK's model is bridged here: the
+setup's `realtimeInputConfig` (activity detection, activity handling) is missing from
+`LiveClientSetup`, although the SDK itself sends it there from
+`LiveConnectConfig.realtime_input_config`; it is validated with that type
+(`RealtimeInputConfig`) instead. The package is a test dependency, imported lazily.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Mapping
+from typing import Any
+
+MESSAGE_FIELDS = ("setup", "clientContent", "realtimeInput", "toolResponse", "contextUpdate")
+"""A client message has exactly one of these (the protocol's `oneof`)."""
+
+
+class ClientMessageInvalid(Exception):
+    """A client message the real service would refuse; `reason` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@functools.cache
+def genai_available() -> bool:
+    """Whether `google-genai` is installed (the `test` extra)."""
+    try:
+        import google.genai.types  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def validate_client_message(message: str | bytes | Mapping[str, Any]) -> dict[str, Any]:
+    """The message as JSON data, if it is a valid Gemini Live client message.
+
+    Raises `ClientMessageInvalid` otherwise (not JSON, not exactly one message field,
+    an unknown or mistyped field anywhere, bad base64).
+    """
+    from google.genai import types
+    from pydantic import ValidationError
+
+    if isinstance(message, Mapping):
+        data: Any = dict(message)
+    else:
+        try:
+            data = json.loads(message)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ClientMessageInvalid(f"Invalid JSON payload received. {exc}") from None
+    if not isinstance(data, dict):
+        raise ClientMessageInvalid("Invalid JSON payload received. Expected an object.")
+    present = [key for key in data if key in MESSAGE_FIELDS]
+    if len(present) != 1 or len(data) != 1:
+        names = ", ".join(sorted(data)) or "none"
+        raise ClientMessageInvalid(f"A message needs exactly one of its fields (got: {names})")
+    checked = data
+    setup = data.get("setup")
+    try:
+        if isinstance(setup, dict) and "realtimeInputConfig" in setup:
+            setup = dict(setup)
+            types.RealtimeInputConfig.model_validate_json(
+                json.dumps(setup.pop("realtimeInputConfig"))
+            )
+            checked = {"setup": setup}
+        types.LiveClientMessage.model_validate_json(json.dumps(checked))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ClientMessageInvalid(
+            f"Invalid JSON payload received. {where}: {first['msg']}"
+        ) from None
+    result: dict[str, Any] = data
+    return result
