@@ -46,6 +46,7 @@ import itertools
 import json
 import logging
 import re
+import secrets
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -318,6 +319,9 @@ class Decoder:
     """
 
     def __init__(self) -> None:
+        # Ids unique across connections: a resumed session's items join the same
+        # conversation as the earlier connection's.
+        self._tag = secrets.token_hex(4)
         self._ids = itertools.count(1)
         self._response: str | None = None
         self._item: str | None = None
@@ -327,6 +331,9 @@ class Decoder:
         self._usage: Mapping[str, Any] | None = None
         self.cancelled_calls: set[str] = set()
         """Calls the server took back (`toolCallCancellation`): their results are not sent."""
+
+    def _id(self, kind: str) -> str:
+        return f"{kind}_gm{self._tag}_{next(self._ids)}"
 
     def decode(self, data: object) -> list[ev.ServerEvent]:
         """One server message (parsed JSON) as events, in the order they happened.
@@ -385,7 +392,7 @@ class Decoder:
     def _open_response(self) -> list[ev.ServerEvent]:
         if self._response is not None:
             return []
-        self._response = f"resp_gm{next(self._ids)}"
+        self._response = self._id("resp")
         return [ev.ResponseCreated(self._response)]
 
     def _open_item(self) -> tuple[str, str, list[ev.ServerEvent]]:
@@ -393,7 +400,7 @@ class Decoder:
         events = self._open_response()
         assert self._response is not None
         if self._item is None:
-            self._item = f"item_gm{next(self._ids)}"
+            self._item = self._id("item")
             self._spoken = ""
             events.append(ev.OutputItemAdded(self._response, self._item, "message"))
         return self._response, self._item, events
@@ -444,7 +451,7 @@ class Decoder:
     def _interrupted(self) -> list[ev.ServerEvent]:
         # The user spoke over the answer: the speech is a new user turn.
         events = self._close_user_turn()
-        self._user_item = f"item_gmu{next(self._ids)}"
+        self._user_item = self._id("user")
         events.append(ev.SpeechStarted(self._user_item, 0))
         return events + self._close_response("cancelled")
 
@@ -455,7 +462,7 @@ class Decoder:
         events: list[ev.ServerEvent] = []
         if text:
             if self._user_item is None:
-                self._user_item = f"item_gmu{next(self._ids)}"
+                self._user_item = self._id("user")
             if not self._user_text:
                 events.append(ev.InputCommitted(self._user_item, None))
             self._user_text += text
@@ -480,7 +487,7 @@ class Decoder:
         for call in tool_call.objs("functionCalls"):
             call_id, name = call.text("id"), call.text("name")
             arguments = json.dumps(call.opt_mapping("args") or {})
-            item = f"item_gmc{next(self._ids)}"
+            item = self._id("call")
             events.append(ev.OutputItemAdded(self._response, item, "function_call", call_id, name))
             calls.append(ev.FunctionCallDone(self._response, item, call_id, name, arguments))
         # The model waits for the results: this response is over, and the answer that

@@ -627,6 +627,8 @@ class _Connection:
         chunks = max(1, math.ceil(total_ms / delta_ms))
         words = _split_pieces(text, chunks)
         sample = 0
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
             for index in range(chunks):
                 chunk_ms = min(float(delta_ms), total_ms - index * delta_ms)
@@ -642,7 +644,7 @@ class _Connection:
                         content["outputTranscription"] = {"text": piece}
                     self.state.audio_ms_sent += len(pcm) / (OUTPUT_RATE * 2 / 1000)
                     if self.state.first_audio_at is None:
-                        self.state.first_audio_at = asyncio.get_running_loop().time()
+                        self.state.first_audio_at = loop.time()
                 elif piece:
                     content["modelTurn"] = {"parts": [{"text": piece}]}
                 if content:
@@ -650,8 +652,12 @@ class _Connection:
                     await self.send({"serverContent": content})
                     turn.text += piece
                 await self._pause(chunk_ms)
-            turn.interrupted = False
             await self.send({"serverContent": {"generationComplete": True}})
+            if audio:
+                # The service assumes the client plays the answer in real time: the
+                # turn ends (and can still be interrupted) until it would have played.
+                await asyncio.sleep(max(0.0, started + total_ms / 1000 - loop.time()))
+            turn.interrupted = False
             usage = {
                 "promptTokenCount": sum(len(t.text) for t in self.turns) // 4,
                 "responseTokenCount": len(text) // 4,

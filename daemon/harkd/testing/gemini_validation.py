@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -59,16 +60,21 @@ def validate_client_message(message: str | bytes | Mapping[str, Any]) -> dict[st
     if len(present) != 1 or len(data) != 1:
         names = ", ".join(sorted(data)) or "none"
         raise ClientMessageInvalid(f"A message needs exactly one of its fields (got: {names})")
-    checked = data
     setup = data.get("setup")
     try:
-        if isinstance(setup, dict) and "realtimeInputConfig" in setup:
-            setup = dict(setup)
-            types.RealtimeInputConfig.model_validate_json(
-                json.dumps(setup.pop("realtimeInputConfig"))
-            )
-            checked = {"setup": setup}
-        types.LiveClientMessage.model_validate_json(json.dumps(checked))
+        with warnings.catch_warnings():
+            # The SDK only warns of an enum value it does not know; the service refuses it.
+            warnings.simplefilter("error", UserWarning)
+            if isinstance(setup, dict) and "realtimeInputConfig" in setup:
+                setup = dict(setup)
+                config = setup.pop("realtimeInputConfig")
+                types.RealtimeInputConfig.model_validate_json(json.dumps(config))
+                data_without = {"setup": setup}
+            else:
+                data_without = data
+            types.LiveClientMessage.model_validate_json(json.dumps(data_without))
+    except UserWarning as exc:
+        raise ClientMessageInvalid(f"Invalid value: {exc}") from None
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
