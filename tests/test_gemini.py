@@ -337,6 +337,28 @@ async def test_go_away_moves_to_a_resumed_session_that_remembers(tmp_path: Path)
             assert_nothing_refused(server)
 
 
+async def test_go_away_during_an_answer_lets_it_finish_then_resumes(tmp_path: Path) -> None:
+    """The provider warns in time: the answer plays to its end, then the session moves,
+    resumed from a handle that has that answer in it."""
+    script = FakeScript(reply=LONG_ANSWER, audio_ms_per_char=20, pace=1.0)
+    async with GeminiFakeServer(script=script, api_keys={KEY}) as server:
+        client = make_client(server, audio_output=WavOutput(tmp_path / "o.wav"))
+        done = finals(client)
+        async with Running(client):
+            client.send_text("tell me everything")
+            await until(lambda: client.mode is RealtimeMode.SPEAKING, what="the answer")
+            await server.go_away(time_left_s=30.0)
+            await until(lambda: any(m.message.text == LONG_ANSWER for m in done), what="heard")
+            second = await server.wait_for_sessions(2)
+            await until(lambda: second.setup != {}, what="the move")
+            answer = next(m.message for m in done if m.message.text == LONG_ANSWER)
+            assert not answer.interrupted
+            assert answer.duration_ms == len(LONG_ANSWER) * 20
+            assert [t.text for t in second.history_at_start] == ["tell me everything", LONG_ANSWER]
+            assert server.messages("clientContent", index=1) == []
+            assert_nothing_refused(server)
+
+
 async def test_a_dropped_connection_is_resumed_without_replay(tmp_path: Path) -> None:
     async with GeminiFakeServer(api_keys={KEY}) as server:
         client = make_client(server, audio_output=WavOutput(tmp_path / "o.wav"))

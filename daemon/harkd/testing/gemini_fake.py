@@ -663,8 +663,10 @@ class _Connection:
                 "responseTokenCount": len(text) // 4,
                 "totalTokenCount": (sum(len(t.text) for t in self.turns) + len(text)) // 4,
             }
-            await self.send({"serverContent": {"turnComplete": True}, "usageMetadata": usage})
+            # The turn is resumable before the client hears it is over: a client that
+            # moves connections between turns resumes with a handle that has it.
             await self._offer_handle()
+            await self.send({"serverContent": {"turnComplete": True}, "usageMetadata": usage})
         except ConnectionClosed:
             return
 
