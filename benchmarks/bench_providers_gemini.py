@@ -81,9 +81,7 @@ async def measure_go_away_resume(rounds: int = ROUNDS) -> dict[str, Any]:
                 await server.go_away(time_left_s=10.0)
                 await asyncio.wait_for(reconnected.wait(), 10)
                 client.send_text(f"question {round_}")
-                await until(lambda: first_audio(timeline, mark) is not None, what="audio")
-                audio_at = first_audio(timeline, mark)
-                assert audio_at is not None
+                audio_at = await answer_audio(timeline, mark)
                 resume_ms.append((connected_at[-1] - started) * 1000)
                 audio_ms.append((audio_at - started) * 1000)
         resumed = sum(1 for s in server.sessions if s.resumed_from is not None)
@@ -95,6 +93,14 @@ async def measure_go_away_resume(rounds: int = ROUNDS) -> dict[str, Any]:
         "audio_ms_median": round(statistics.median(audio_ms), 1),
         "audio_ms_max": round(max(audio_ms), 1),
     }
+
+
+async def answer_audio(timeline: Timeline, start: int) -> float:
+    """When the first answer audio after entry `start` was handled (waits for it)."""
+    await until(lambda: first_audio(timeline, start) is not None, what="the answer's audio")
+    at = first_audio(timeline, start)
+    assert at is not None
+    return at
 
 
 def first_audio(timeline: Timeline, start: int) -> float | None:
