@@ -283,6 +283,39 @@ async def test_speaking_over_the_answer_flushes_playback_and_marks_it_interrupte
             assert_nothing_refused(server)
 
 
+async def test_a_typed_turn_over_the_answer_is_answered_at_once(tmp_path: Path) -> None:
+    """Gemini has no cancel: harkd ends the answer itself, and the completed text turn
+    interrupts the server's generation instead of waiting for it to play out."""
+    script = FakeScript(
+        reply=lambda text: "OK." if text == "stop" else LONG_ANSWER,
+        audio_ms_per_char=50,
+        pace=1.0,
+    )
+    output = WavOutput(tmp_path / "o.wav")
+    async with GeminiFakeServer(script=script, api_keys={KEY}) as server:
+        client = make_client(server, audio_output=output)
+        done = finals(client)
+        async with Running(client):
+            client.send_text("tell me about the weather")
+            await until(lambda: client.mode is RealtimeMode.SPEAKING, what="the answer")
+            answer_id = client.messages[-1].id
+            await until(lambda: output.played_ms(answer_id) >= 300, what="some of it heard")
+            client.send_text("stop")
+            await until(lambda: any(m.message.text == "OK." for m in done), what="the answer")
+            session = server.sessions[0]
+            assert session.interruptions == 1  # its generation was still running
+            [first, second] = [m["clientContent"] for m in server.messages("clientContent")]
+            assert second == {
+                "turns": [{"role": "user", "parts": [{"text": "stop"}]}],
+                "turnComplete": True,
+            }
+            cut = next(m.message for m in done if m.message.id == answer_id)
+            assert cut.interrupted and cut.duration_ms is not None
+            assert cut.duration_ms < len(LONG_ANSWER) * 50
+            assert [m.text for m in client.messages][-2:] == ["stop", "OK."]
+            assert_nothing_refused(server)
+
+
 # --- resumption --------------------------------------------------------------------
 
 
@@ -635,6 +668,23 @@ def test_interrupted_is_a_server_barge_in_and_cancels_the_answer() -> None:
     done = events[1]
     assert isinstance(done, ev.ResponseDone)
     assert (done.response_id, done.status) == (response_id, "cancelled")
+
+
+def test_a_cancelled_answer_ends_at_once_and_its_rest_is_dropped() -> None:
+    decoder = Decoder()
+    decoder.decode({"serverContent": {"outputTranscription": {"text": "Sure"}}})
+    [done] = decoder.cancel()
+    assert isinstance(done, ev.ResponseDone) and done.status == "cancelled"
+    late = {"serverContent": {"outputTranscription": {"text": " thing"}}}
+    assert decoder.decode(late) == []
+    # Our own next turn interrupted it: no barge-in of the user's, nothing more to drop.
+    assert decoder.decode({"serverContent": {"interrupted": True}}) == []
+    fresh = decoder.decode({"serverContent": {"outputTranscription": {"text": "OK"}}})
+    assert [type(e) for e in fresh] == [
+        ev.ResponseCreated,
+        ev.OutputItemAdded,
+        ev.AssistantTranscriptDelta,
+    ]
 
 
 def test_a_tool_call_ends_its_response_with_the_calls() -> None:

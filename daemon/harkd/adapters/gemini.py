@@ -20,8 +20,9 @@ What differs from OpenAI, and how harkd copes:
   (audio arrives faster than real time); harkd still marks the message interrupted at
   what was heard. `interrupted` from the server (the user spoke over the answer) is a
   `SpeechStarted`, the neutral event of a server-side barge-in: playback is flushed.
-* **No cancel.** `CancelResponse` sends nothing: the session drops the rest of the
-  cancelled answer as it arrives, and the user's next activity interrupts the server.
+* **No cancel.** `CancelResponse` sends nothing: the adapter ends the response at once
+  and drops the rest of the model's turn as it arrives; the next activity or completed
+  text turn interrupts the server's generation (which it keeps in its context).
 * **Manual turns** are `activityStart`/`activityEnd` with automatic activity detection
   disabled. A discarded turn (too short) cannot be taken back: its activity is left
   open and the next turn continues it, so its few milliseconds of sound are heard as
@@ -329,8 +330,19 @@ class Decoder:
         self._user_item: str | None = None
         self._user_text = ""
         self._usage: Mapping[str, Any] | None = None
+        self._discarding = False
+        """harkd cancelled the model's turn: the rest of it is dropped as it arrives."""
         self.cancelled_calls: set[str] = set()
         """Calls the server took back (`toolCallCancellation`): their results are not sent."""
+
+    def cancel(self) -> list[ev.ServerEvent]:
+        """harkd stopped the answer, and Gemini has no cancel: its response ends here,
+        and the rest of the model's turn is dropped until the turn ends or is
+        interrupted (by the next activity or completed text turn)."""
+        if self._response is None:
+            return []
+        self._discarding = True
+        return self._close_response("cancelled")
 
     def _id(self, kind: str) -> str:
         return f"{kind}_gm{self._tag}_{next(self._ids)}"
@@ -352,7 +364,11 @@ class Decoder:
         if message.has("serverContent"):
             events += self._server_content(message.obj("serverContent"))
         if message.has("toolCall"):
-            events += self._tool_call(message.obj("toolCall"))
+            if self._discarding:
+                # A call of the cancelled answer: the next turn interrupts it.
+                events.append(ev.Ignored("toolCall"))
+            else:
+                events += self._tool_call(message.obj("toolCall"))
         if message.has("toolCallCancellation"):
             ids = message.obj("toolCallCancellation").texts("ids")
             self.cancelled_calls.update(ids)
@@ -376,6 +392,8 @@ class Decoder:
         events: list[ev.ServerEvent] = []
         if content.has("inputTranscription"):
             events += self._input_transcription(content.obj("inputTranscription"))
+        if self._discarding:
+            return events + self._discard(content)
         if content.flag("interrupted"):
             events += self._interrupted()
         for part in content.obj("modelTurn").objs("parts"):
@@ -388,6 +406,20 @@ class Decoder:
         if content.flag("turnComplete"):
             events += self._turn_complete()
         return events
+
+    def _discard(self, content: _Obj) -> list[ev.ServerEvent]:
+        """Drop the cancelled turn's content (still checking its shape) until it ends."""
+        for part in content.obj("modelTurn").objs("parts"):
+            if part.has("inlineData"):
+                _pcm(part.obj("inlineData"))
+        content.obj("outputTranscription").opt_text("text")
+        content.flag("generationComplete")
+        if content.flag("interrupted") or content.flag("turnComplete"):
+            self._discarding = False
+            self._usage = None
+            if content.flag("turnComplete"):
+                return self._close_user_turn()
+        return []
 
     def _open_response(self) -> list[ev.ServerEvent]:
         if self._response is not None:
@@ -660,9 +692,14 @@ class GeminiConnection:
                     self._queue(
                         {"toolResponse": {"functionResponses": [function_response(command)]}}
                     )
-            case ev.CancelResponse() | ev.TruncateItem():
-                # Neither exists in Gemini Live (see the module's docstring).
-                log.debug("%s: nothing to send to Gemini", type(command).__name__)
+            case ev.CancelResponse():
+                # Nothing to send: the answer ends here, and the next turn interrupts
+                # the server's generation (see the module's docstring).
+                cancelled = self._decoder.cancel()
+                if cancelled:
+                    asyncio.get_running_loop().call_soon(self._deliver, cancelled)
+            case ev.TruncateItem():
+                log.debug("Gemini cannot truncate: %s not sent", command)
         self._wakeup.set()
 
     def _queue(self, message: dict[str, Any]) -> None:
@@ -696,6 +733,12 @@ class GeminiConnection:
         if not self._drop_report_scheduled:
             self._drop_report_scheduled = True
             asyncio.get_running_loop().call_soon(self._report_drops)
+
+    def _deliver(self, events: list[ev.ServerEvent]) -> None:
+        # Told to the session after the `send` that caused them, not from inside it.
+        if self._on_event is not None:
+            for event in events:
+                self._on_event(event)
 
     def _report_drops(self) -> None:
         self._drop_report_scheduled = False
