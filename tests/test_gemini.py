@@ -235,6 +235,30 @@ async def test_a_typed_question_uses_a_tool_and_the_answer_says_its_result(
             assert_nothing_refused(server)
 
 
+async def test_tools_given_during_a_session_are_usable_at_once(tmp_path: Path) -> None:
+    script = FakeScript(
+        tool_rules=[ToolRule(r"\btime\b", "get_time", {"zone": "UTC"})],
+        tool_reply=lambda outputs: f"It is {json.loads(outputs[0][1])['time']}.",
+    )
+    ran: list[dict[str, Any]] = []
+    async with GeminiFakeServer(script=script, api_keys={KEY}) as server:
+        client = make_client(server, audio_output=WavOutput(tmp_path / "o.wav"))
+        done = finals(client)
+        async with Running(client):
+            assert "tools" not in server.sessions[0].setup
+            client.update_settings(instructions="Be terse.", tools=[clock_tool(ran)])
+            client.send_text("what time is it?")
+            await until(
+                lambda: any(m.message.text == "It is 07:30." for m in done), what="the answer"
+            )
+            [update] = [m["contextUpdate"] for m in server.messages("contextUpdate")]
+            assert update["systemInstruction"] == {"parts": [{"text": "Be terse."}]}
+            [declaration] = update["tools"]["tools"][0]["functionDeclarations"]
+            assert declaration["name"] == "get_time"
+            assert ran == [{"zone": "UTC"}]
+            assert_nothing_refused(server)
+
+
 # --- barge-in ----------------------------------------------------------------------
 
 

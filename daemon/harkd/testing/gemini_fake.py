@@ -371,8 +371,8 @@ class _Connection:
                     await asyncio.wait([task])
 
     async def send(self, message: Message) -> None:
-        """Send one server message."""
-        await self.ws.send(json.dumps(message))
+        """Send one server message (as the service does: JSON in a binary frame)."""
+        await self.ws.send(json.dumps(message).encode())
 
     async def _dispatch(self, message: Message) -> None:
         if not self.state.setup:
