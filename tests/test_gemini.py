@@ -48,6 +48,7 @@ from harkd.testing.gemini_fake import CLOSE_INVALID, GeminiFakeServer
 from harkd.testing.gemini_validation import ClientMessageInvalid, validate_client_message
 from harkd.tokens import TokenSource, static_token
 from harkd.tools import Tool, ToolSpec
+from harkd_process import harkd_env, run_harkd
 from mosquitto import free_port
 from speech_fixtures import len_ms, silence, speech_pcm, write_wav
 
@@ -807,3 +808,18 @@ def test_the_fake_server_command_starts_for_gemini() -> None:
     finally:
         server.send_signal(signal.SIGINT)
         assert server.wait(timeout=30) == 0
+
+
+def test_the_demo_runs_against_the_gemini_fake(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    env = harkd_env(HOME=str(home), TMPDIR=str(tmp_path))
+    result = run_harkd("demo", "--provider", "gemini", env=env, cwd=home, timeout_s=40)
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    lines = [line.split("] ", 1)[-1] for line in out.splitlines()]
+    assert "provider    gemini (fake)" in out
+    assert "you: What time is it?" in lines
+    assert any(line.startswith("tool: get_time") for line in lines)
+    assert any(line.startswith("assistant: It is ") for line in lines)
+    assert "Traceback" not in result.stderr
