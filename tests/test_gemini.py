@@ -42,6 +42,7 @@ from harkd.audio.wav import WavInput, WavOutput
 from harkd.backoff import Backoff
 from harkd.client import RealtimeClient
 from harkd.config import ConfigError, parse_config
+from harkd.logsetup import redact
 from harkd.messages import MessageFinalized, RealtimeMode, RealtimeStatus, RealtimeToken
 from harkd.testing import FakeScript, ToolRule
 from harkd.testing.gemini_fake import CLOSE_INVALID, GeminiFakeServer
@@ -790,6 +791,13 @@ def test_gemini_defaults_and_what_it_cannot_do() -> None:
     assert "GEMINI_API_KEY" in missing
     ephemeral = problems(provider="gemini", api_key=KEY, ephemeral_tokens=True)
     assert "realtime.ephemeral_tokens" in ephemeral
+
+
+def test_a_gemini_key_never_reaches_the_log() -> None:
+    key = "AIza" + "SyD-0123456789abcdefghijklmnopqrstu"
+    # websockets logs the handshake's headers at debug level.
+    assert redact(f"> x-goog-api-key: {key}") == "> x-goog-api-key: ***"
+    assert key not in redact(f"unexpected text with {key} in it")
 
 
 def test_the_fake_server_command_starts_for_gemini() -> None:
