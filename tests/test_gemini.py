@@ -418,6 +418,36 @@ async def test_go_away_during_an_answer_lets_it_finish_then_resumes(tmp_path: Pa
             assert_nothing_refused(server)
 
 
+async def test_the_connection_limit_goes_by_unnoticed(tmp_path: Path) -> None:
+    """The service's own limit: `goAway` a while after each connection opened."""
+    async with GeminiFakeServer(api_keys={KEY}, max_connection_s=0.5) as server:
+        client = make_client(
+            server, audio_output=WavOutput(tmp_path / "o.wav"), reconnect=Backoff(30, 60)
+        )
+        done = finals(client)
+        async with Running(client):
+            await ask(client, done, "first")
+            await until(lambda: len(server.sessions) >= 3, what="two moves")
+            await until(lambda: client.status is RealtimeStatus.CONNECTED)
+            await ask(client, done, "second")
+            assert all(s.went_away for s in server.sessions[:2])
+            assert all(s.resumed_from is not None for s in server.sessions[1:])
+            assert server.messages("clientContent") == [
+                {"clientContent": {"turns": [turn(text)], "turnComplete": True}}
+                for text in ("first", "second")
+            ]  # asked once each, nothing replayed
+            assert [m.text for m in client.messages] == [
+                "first",
+                "You said: first",
+                "second",
+                "You said: second",
+            ]
+
+
+def turn(text: str) -> dict[str, Any]:
+    return {"role": "user", "parts": [{"text": text}]}
+
+
 async def test_a_dropped_connection_is_resumed_without_replay(tmp_path: Path) -> None:
     async with GeminiFakeServer(api_keys={KEY}) as server:
         client = make_client(server, audio_output=WavOutput(tmp_path / "o.wav"))
