@@ -43,7 +43,13 @@ from harkd.backoff import Backoff
 from harkd.client import RealtimeClient
 from harkd.config import ConfigError, parse_config
 from harkd.logsetup import redact
-from harkd.messages import MessageFinalized, RealtimeMode, RealtimeStatus, RealtimeToken
+from harkd.messages import (
+    MessageFinalized,
+    RealtimeMode,
+    RealtimeStatus,
+    RealtimeToken,
+    ToolCallPart,
+)
 from harkd.testing import FakeScript, ToolRule
 from harkd.testing.gemini_fake import CLOSE_INVALID, GeminiFakeServer
 from harkd.testing.gemini_validation import ClientMessageInvalid, validate_client_message
@@ -258,6 +264,43 @@ async def test_tools_given_during_a_session_are_usable_at_once(tmp_path: Path) -
             [declaration] = update["tools"]["tools"][0]["functionDeclarations"]
             assert declaration["name"] == "get_time"
             assert ran == [{"zone": "UTC"}]
+            assert_nothing_refused(server)
+
+
+def tool_finished(done: list[MessageFinalized]) -> bool:
+    """Whether a tool call's message was finalized with its output."""
+    return any(
+        isinstance(part, ToolCallPart) and part.output is not None
+        for m in done
+        for part in m.message.parts
+    )
+
+
+async def test_a_call_the_server_cancels_gets_no_result(tmp_path: Path) -> None:
+    """A new turn while a tool runs: Gemini takes the call back (`toolCallCancellation`),
+    so its late result is not sent (the service would refuse an unknown call id)."""
+    script = FakeScript(tool_rules=[ToolRule(r"\btime\b", "get_time", {"zone": "UTC"})])
+    release = asyncio.Event()
+
+    async def slow(args: dict[str, Any], call: Any) -> dict[str, str]:
+        await release.wait()
+        return {"time": "07:30"}
+
+    tool = Tool("get_time", "Time.", {"type": "object", "properties": {}}, slow)
+    async with GeminiFakeServer(script=script, api_keys={KEY}) as server:
+        client = make_client(server, tools=[tool], audio_output=WavOutput(tmp_path / "o.wav"))
+        done = finals(client)
+        async with Running(client):
+            client.send_text("what time is it?")
+            session = server.sessions[0]
+            await until(lambda: len(session.tool_calls) == 1, what="the call")
+            await ask(client, done, "never mind")
+            assert session.cancelled_calls == [session.tool_calls[0]["id"]]
+            release.set()
+            await until(lambda: tool_finished(done), what="the tool's result recorded")
+            client.send_text("thanks")  # the connection is still fine after it
+            await until(lambda: any(m.message.text == "You said: thanks" for m in done))
+            assert session.tool_responses == []
             assert_nothing_refused(server)
 
 

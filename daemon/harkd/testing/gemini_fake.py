@@ -94,18 +94,10 @@ class GeminiFakeSession:
     tool_responses: list[Message] = field(default_factory=list)
     cancelled_calls: list[str] = field(default_factory=list)
     handles: list[str] = field(default_factory=list)
-    context_updates: int = 0
     went_away: bool = False
-    first_audio_at: float | None = None
-    """Loop time of the first answer audio sent on this connection."""
     connected: bool = True
     close_code: int | None = None
     close_reason: str = ""
-
-    @property
-    def model(self) -> str:
-        """The setup's model name."""
-        return str(self.setup.get("model", ""))
 
 
 class _Refused(Exception):
@@ -429,7 +421,6 @@ class _Connection:
         }
 
     def _context_update(self, update: Message) -> None:
-        self.state.context_updates += 1
         if "tools" in update:
             self._declare((update["tools"] or {}).get("tools") or [])
 
@@ -643,8 +634,6 @@ class _Connection:
                     if piece and transcribe:
                         content["outputTranscription"] = {"text": piece}
                     self.state.audio_ms_sent += len(pcm) / (OUTPUT_RATE * 2 / 1000)
-                    if self.state.first_audio_at is None:
-                        self.state.first_audio_at = loop.time()
                 elif piece:
                     content["modelTurn"] = {"parts": [{"text": piece}]}
                 if content:
