@@ -579,6 +579,18 @@ async def test_a_bad_key_is_an_error_without_a_hot_loop(server: GeminiFakeServer
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+async def test_a_message_field_harkd_does_not_know_is_ignored(
+    server: GeminiFakeServer, tmp_path: Path
+) -> None:
+    """The protocol grows: a new server field is logged and skipped, nothing breaks."""
+    client = make_client(server, audio_output=WavOutput(tmp_path / "o.wav"))
+    done = finals(client)
+    async with Running(client):
+        await server.send_message({"interactionStatus": {"state": "ACTIVE"}})
+        await ask(client, done, "still there?")
+        assert len(server.sessions) == 1 and client.status is RealtimeStatus.CONNECTED
+
+
 async def test_garbage_from_the_server_is_a_lost_connection_that_resumes(
     server: GeminiFakeServer, tmp_path: Path
 ) -> None:
