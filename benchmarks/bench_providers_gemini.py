@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from e2e import LoggedAdapter, Running, Timeline, until  # noqa: E402
 from harkd import events as ev  # noqa: E402
-from harkd.adapters.gemini import OUTPUT_RATE, gemini_live  # noqa: E402
+from harkd.adapters.gemini import gemini_live  # noqa: E402
+from harkd.adapters.gemini_wire import OUTPUT_RATE  # noqa: E402
 from harkd.audio.wav import NullOutput  # noqa: E402
 from harkd.backoff import Backoff  # noqa: E402
 from harkd.client import RealtimeClient  # noqa: E402

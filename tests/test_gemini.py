@@ -29,12 +29,12 @@ from hypothesis import strategies as st
 from e2e import Running, until
 from harkd import events as ev
 from harkd.adapters.base import ProtocolError
-from harkd.adapters.gemini import (
+from harkd.adapters.gemini import gemini_live
+from harkd.adapters.gemini_wire import (
     Decoder,
     content_turn,
     context_update,
     function_response,
-    gemini_live,
     parse,
     setup_message,
 )
