@@ -12,10 +12,14 @@ What differs from OpenAI, and how harkd copes:
 
 * **Sessions are resumed, not replayed.** Setup always asks for `sessionResumption`;
   every `sessionResumptionUpdate` that is `resumable` becomes a `ResumeHandle`, and a
-  `goAway` becomes `GoingAway`: the connection supervisor then opens a new connection
-  whose setup carries the newest handle, so the model keeps the whole conversation and
-  nothing is replayed. `contextWindowCompression` (a sliding window) is always on, so a
-  long conversation is trimmed by the server instead of ending at its context limit.
+  `goAway` becomes `GoingAway`: the connection supervisor lets the answer in progress
+  finish (within the time left), then opens a new connection whose setup carries the
+  newest handle, so the model keeps the whole conversation and nothing is replayed; a
+  drop is resumed the same way. A handle holds only complete turns: audio of an
+  utterance still in progress at the move is lost (Gemini's transparent resumption,
+  which would say how much was consumed, is not offered on the Gemini API).
+  `contextWindowCompression` (a sliding window) is always on, so a long conversation is
+  trimmed by the server instead of ending at its context limit.
 * **No truncation** (`can_truncate=False`). Gemini's context keeps what the server had
   generated and sent when the user barged in, which can be more than the user heard
   (audio arrives faster than real time); harkd still marks the message interrupted at
