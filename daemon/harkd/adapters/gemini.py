@@ -15,9 +15,9 @@ What differs from OpenAI, and how harkd copes:
   `goAway` becomes `GoingAway`: the connection supervisor lets the answer in progress
   finish (within the time left), then opens a new connection whose setup carries the
   newest handle, so the model keeps the whole conversation and nothing is replayed; a
-  drop is resumed the same way. A handle holds only complete turns: audio of an
-  utterance still in progress at the move is lost (Gemini's transparent resumption,
-  which would say how much was consumed, is not offered on the Gemini API).
+  drop is resumed the same way. A handle is the session as of when the server gave it:
+  audio sent after it (an utterance in progress at the move) is lost, since Gemini's
+  transparent resumption, which says how much was consumed, is Vertex-only.
   `contextWindowCompression` (a sliding window) is always on, so a long conversation is
   trimmed by the server instead of ending at its context limit.
 * **No truncation** (`can_truncate=False`). Gemini's context keeps what the server had
