@@ -50,7 +50,7 @@ from harkd.messages import (
     RealtimeToken,
     ToolCallPart,
 )
-from harkd.testing import FakeScript, ToolRule
+from harkd.testing import FakeScript, ToolRule, gemini_validation
 from harkd.testing.gemini_fake import CLOSE_INVALID, GeminiFakeServer
 from harkd.testing.gemini_validation import ClientMessageInvalid, validate_client_message
 from harkd.tokens import TokenSource, static_token
@@ -703,6 +703,15 @@ def test_the_validator_refuses_what_the_service_refuses() -> None:
     with pytest.raises(ClientMessageInvalid, match="not a valid ActivityHandling"):
         bad = {"activityHandling": "SOMETIMES"}
         validate_client_message({"setup": {"model": "models/m", "realtimeInputConfig": bad}})
+
+
+def test_without_the_sdk_only_the_shape_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`harkd demo` needs no test dependency: its fake checks what it can."""
+    assert gemini_validation.genai_available()  # the test suite validates fully
+    monkeypatch.setattr(gemini_validation, "genai_available", lambda: False)
+    validate_client_message({"setup": {"model": "models/m", "voice": "Puck"}})
+    with pytest.raises(ClientMessageInvalid, match="exactly one"):
+        validate_client_message({"setup": {}, "toolResponse": {}})
 
 
 async def test_the_fake_closes_on_an_unknown_field_like_the_service(

@@ -6,6 +6,7 @@ Where harkd depends on it, it behaves like the service:
 * the key comes in the `x-goog-api-key` header (or `?key=`); a bad one closes the
   socket after `setup` with 1007 "API key not valid. ...";
 * every client message is validated against `google-genai`'s `LiveClientMessage`
+  (and every message of its own against `LiveServerMessage`)
   (unknown fields are refused); an invalid one closes the socket with 1007 and the
   reason, as the service does. `setup` must come first, and only once;
 * `setupComplete`; automatic activity detection (an energy VAD on the 16 kHz input)
@@ -44,7 +45,11 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from .fake_server import EnergyVad, FakeScript, _split_pieces, synthesize_speech
-from .gemini_validation import ClientMessageInvalid, validate_client_message
+from .gemini_validation import (
+    ClientMessageInvalid,
+    validate_client_message,
+    validate_server_message,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -225,9 +230,9 @@ class GeminiFakeServer:
             await conn.go_away(left)
 
     async def send_message(self, message: Mapping[str, Any], index: int | None = None) -> None:
-        """Inject a server message."""
+        """Inject a server message as given (unchecked: e.g. a field of a newer protocol)."""
         for conn in self._targets(index):
-            await conn.send(dict(message))
+            await conn.send(dict(message), checked=False)
 
     async def send_raw(self, frame: str | bytes, index: int | None = None) -> None:
         """Inject a frame exactly as given (garbage a broken proxy might send)."""
@@ -362,8 +367,11 @@ class _Connection:
                     task.cancel()
                     await asyncio.wait([task])
 
-    async def send(self, message: Message) -> None:
-        """Send one server message (as the service does: JSON in a binary frame)."""
+    async def send(self, message: Message, *, checked: bool = True) -> None:
+        """Send one server message (as the service does: JSON in a binary frame),
+        checked against `LiveServerMessage` unless it is an injected one."""
+        if checked:
+            validate_server_message(message)
         await self.ws.send(json.dumps(message).encode())
 
     async def _dispatch(self, message: Message) -> None:

@@ -1,11 +1,12 @@
-"""Validation of Gemini Live client messages against the `google-genai` package's models.
+"""Validation of Gemini Live messages against the `google-genai` package's models.
 
 `LiveClientMessage` (pydantic, unknown fields forbidden, camelCase aliases, base64 bytes)
 is the wire message the service takes. One gap of the SDK's model is bridged here: the
 setup's `realtimeInputConfig` (activity detection, activity handling) is missing from
 `LiveClientSetup`, although the SDK itself sends it there from
 `LiveConnectConfig.realtime_input_config`; it is validated with that type
-(`RealtimeInputConfig`) instead. The package is a test dependency, imported lazily.
+(`RealtimeInputConfig`) instead. The package is a test dependency, imported lazily:
+without it (the demo's fake server) only a message's shape is checked.
 """
 
 from __future__ import annotations
@@ -44,9 +45,6 @@ def validate_client_message(message: str | bytes | Mapping[str, Any]) -> dict[st
     Raises `ClientMessageInvalid` otherwise (not JSON, not exactly one message field,
     an unknown or mistyped field anywhere, bad base64).
     """
-    from google.genai import types
-    from pydantic import ValidationError
-
     if isinstance(message, Mapping):
         data: Any = dict(message)
     else:
@@ -60,6 +58,16 @@ def validate_client_message(message: str | bytes | Mapping[str, Any]) -> dict[st
     if len(present) != 1 or len(data) != 1:
         names = ", ".join(sorted(data)) or "none"
         raise ClientMessageInvalid(f"A message needs exactly one of its fields (got: {names})")
+    if genai_available():
+        _check_fields(data)
+    result: dict[str, Any] = data
+    return result
+
+
+def _check_fields(data: dict[str, Any]) -> None:
+    from google.genai import types
+    from pydantic import ValidationError
+
     setup = data.get("setup")
     try:
         with warnings.catch_warnings():
@@ -81,5 +89,19 @@ def validate_client_message(message: str | bytes | Mapping[str, Any]) -> dict[st
         raise ClientMessageInvalid(
             f"Invalid JSON payload received. {where}: {first['msg']}"
         ) from None
-    result: dict[str, Any] = data
-    return result
+
+
+def validate_server_message(message: Mapping[str, Any]) -> None:
+    """Check a message the fake server is about to send against `LiveServerMessage`
+    (the fake must speak the protocol it stands in for); `ValueError` if it does not."""
+    if not genai_available():
+        return
+    from google.genai import types
+    from pydantic import ValidationError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            types.LiveServerMessage.model_validate_json(json.dumps(message))
+    except (ValidationError, UserWarning) as exc:
+        raise ValueError(f"not a valid server message: {exc}") from None
