@@ -14,7 +14,7 @@ from harkd import events as ev
 from harkd.adapters.base import AuthenticationFailed, ConnectionFailed, ConnectionLost
 from harkd.adapters.openai import TRAITS
 from harkd.backoff import Backoff
-from harkd.connection import ConnectionSupervisor
+from harkd.connection import GOING_AWAY_MARGIN_S, GOING_AWAY_POLL_S, ConnectionSupervisor
 from harkd.messages import RealtimeError, RealtimeStatus, RealtimeToken
 
 
@@ -223,6 +223,35 @@ async def test_going_away_moves_to_a_connection_resumed_from_the_latest_handle()
     assert first.closed
     assert adapter.handles == [None, "h2"]  # the newest handle, nothing replayed
     assert owner.log[-2:] == ["resumed", "SessionUpdated"]
+    await stop(task)
+
+
+async def test_going_away_mid_answer_moves_when_the_answer_is_over() -> None:
+    owner, adapter = Owner(), MemoryAdapter(resume="handle")
+    owner.idle_between_turns = False  # an answer is playing
+    sup = supervisor(owner, adapter)
+    task = await running(sup)
+    await until(lambda: sup.status is RealtimeStatus.CONNECTED)
+    sup._on_event(ev.ResumeHandle("h1"))
+    sup._on_event(ev.GoingAway(time_left_ms=60_000))
+    for _ in range(3):  # several of the watcher's looks
+        await asyncio.sleep(GOING_AWAY_POLL_S * 2)
+    assert len(adapter.connections) == 1
+    owner.idle_between_turns = True
+    await until(lambda: len(adapter.connections) == 2, what="moved after the answer")
+    assert adapter.handles == [None, "h1"]
+    await stop(task)
+
+
+async def test_going_away_mid_answer_moves_before_the_connection_ends() -> None:
+    owner, adapter = Owner(), MemoryAdapter(resume="handle")
+    owner.idle_between_turns = False  # an answer that never ends
+    sup = supervisor(owner, adapter)
+    task = await running(sup)
+    await until(lambda: sup.status is RealtimeStatus.CONNECTED)
+    sup._on_event(ev.GoingAway(time_left_ms=int((GOING_AWAY_MARGIN_S + 0.3) * 1000)))
+    await until(lambda: len(adapter.connections) == 2, what="moved before the end")
+    assert adapter.connections[0].closed
     await stop(task)
 
 

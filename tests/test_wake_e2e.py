@@ -23,7 +23,7 @@ from harkd.adapters.openai import openai_realtime
 from harkd.audio.wav import NullOutput
 from harkd.client import RealtimeClient
 from harkd.config import VadConfig, WakeConfig
-from harkd.events import InputCommitted
+from harkd.events import InputCommitted, ResponseCreated
 from harkd.messages import ClientEvent, MessageFinalized, RealtimeStatus, WakeHeard
 from harkd.testing import FakeRealtimeServer, FakeScript
 from speech_fixtures import len_ms, silence, speech_pcm, write_wav
@@ -132,7 +132,7 @@ async def test_nothing_before_the_wake_word_is_sent_and_one_turn_is_answered(
     ended = next(
         i
         for i, e in enumerate(timeline)
-        if (e.kind == "event" and isinstance(e.detail, InputCommitted))
+        if (e.kind == "event" and isinstance(e.detail, ResponseCreated))
         or (e.kind == "command" and e.detail == "EndTurn")
     )
     assert timeline.tally("append", ended + 1) == 0

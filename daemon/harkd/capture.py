@@ -143,8 +143,10 @@ class Capture:
             return
         if isinstance(event, ev.SpeechStarted):
             self.ear.speech_started()
-        elif isinstance(event, ev.InputCommitted) and self._endpoint is None:
-            self.ear.sleep()  # the turn is the server's now: stop streaming
+        elif isinstance(event, ev.ResponseCreated) and self._endpoint is None:
+            # The server took the turn and answers it: stop streaming. (Not at its
+            # commit: some providers report the user's item before the turn ends.)
+            self.ear.sleep()
 
     def mute(self, muted: bool) -> bool:
         """Mute or unmute; muting forgets what the local VAD heard (True then)."""

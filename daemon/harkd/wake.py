@@ -8,7 +8,7 @@ or a follow-up window after an answer opens). The `Ear` is that rule, free of I/
 - waiting: woken, audio streams, and speech must start within the window (the wake
   word's `timeout_s`, or `follow_up_s` after an answer), else the turn is dropped;
 - turn: speech started; audio streams until the turn ends (the local VAD closes it, or
-  the server commits it), then the device is asleep again.
+  the server starts answering it), then the device is asleep again.
 """
 
 from __future__ import annotations

@@ -177,6 +177,25 @@ def _elevenlabs_check(config: RealtimeConfig) -> None:
         raise ValueError("realtime.agent_id: required for provider elevenlabs")
 
 
+GEMINI_URL = (
+    "wss://generativelanguage.googleapis.com/ws/"
+    "google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent"
+)
+GEMINI_MODEL = "gemini-3.8-live"
+GEMINI_VOICE = "Puck"
+
+
+def _gemini(config: RealtimeConfig) -> RealtimeAdapter:
+    from harkd.adapters.gemini import GeminiLiveAdapter
+
+    return GeminiLiveAdapter(
+        config.model or GEMINI_MODEL,
+        config.url or GEMINI_URL,
+        ping_interval_s=config.ping_interval_s,
+        ping_timeout_s=config.ping_timeout_s,
+    )
+
+
 BUILTIN: dict[str, Provider] = {
     "openai": Provider(
         "openai",
@@ -213,6 +232,17 @@ BUILTIN: dict[str, Provider] = {
         fake="harkd.testing.fake_dialects:FakeGrokServer",
         key_variable="XAI_API_KEY",
         session_limit_s=GROK_SESSION_LIMIT_S,
+    ),
+    "gemini": Provider(
+        "gemini",
+        _gemini,
+        url=GEMINI_URL,
+        model=GEMINI_MODEL,
+        voice=GEMINI_VOICE,
+        needs_api_key=True,
+        # No semantic VAD: the server's activity detection or harkd's own turns.
+        turn_detection=frozenset({"server_vad", "manual"}),
+        fake="harkd.testing.gemini_fake:GeminiFakeServer",
     ),
     # A public agent needs no key; with realtime.api_key harkd fetches a signed URL
     # (private agents). The agent's own turn model decides every turn.

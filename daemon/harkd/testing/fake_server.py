@@ -218,7 +218,7 @@ class VadEvent:
 
 
 class EnergyVad:
-    """Energy VAD over PCM16 in 10 ms frames: I/O free, fed incrementally.
+    """Energy VAD over PCM16 (at `rate` Hz) in 10 ms frames: I/O free, fed incrementally.
 
     Speech starts after ``start_ms`` of consecutive frames above ``rms_threshold`` (full
     scale 1.0); it stops after ``silence_ms`` of frames below. ``audio_start_ms`` is the
@@ -227,8 +227,16 @@ class EnergyVad:
 
     FRAME_MS = 10
 
-    def __init__(self, rms_threshold: float, *, start_ms: int = 60, silence_ms: int = 500) -> None:
+    def __init__(
+        self,
+        rms_threshold: float,
+        *,
+        start_ms: int = 60,
+        silence_ms: int = 500,
+        rate: int = SAMPLE_RATE,
+    ) -> None:
         self.rms_threshold = rms_threshold
+        self.bytes_per_ms = rate * 2 // 1000
         self.start_ms = start_ms
         self.silence_ms = silence_ms
         self.in_speech = False
@@ -244,7 +252,7 @@ class EnergyVad:
 
     def feed(self, pcm: bytes) -> list[VadEvent]:
         """Consume PCM16 bytes; return the boundaries they complete."""
-        frame_bytes = self.FRAME_MS * BYTES_PER_MS
+        frame_bytes = self.FRAME_MS * self.bytes_per_ms
         data = self._pending + pcm
         usable = len(data) - len(data) % frame_bytes
         self._pending = data[usable:]
