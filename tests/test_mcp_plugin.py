@@ -27,6 +27,7 @@ from e2e import until
 from harkd.plugins import LiveTools, PluginHost, load_plugins
 from harkd.tools import ToolCall, ToolOutcome, ToolRunner
 from harkd_plugins.mcp import link
+from harkd_process import run_harkd, write_config
 from mcp_servers import PROMPT, HttpMcpServer, stdio_command
 
 pytestmark = pytest.mark.timeout(60)
@@ -374,3 +375,15 @@ async def test_the_token_file_is_read_at_start(tmp_path: Path) -> None:
             token_file.unlink()  # read once, at start
             await until(lambda: "HassTurnOn" in p.names, what="the server's tools")
             assert server.refused == 0
+
+
+def test_check_config_shows_no_token(tmp_path: Path) -> None:
+    home = {"url": "http://ha:8123/api/mcp", "token": TOKEN}
+    config = {
+        "realtime": {"api_key": "sk-test-0123456789abcdef"},
+        "plugins": {"mcp": {"servers": {"home": home}}},
+    }
+    result = run_harkd("check-config", "-c", str(write_config(tmp_path, config)))
+    assert result.returncode == 0, result.stderr
+    assert TOKEN not in result.stdout + result.stderr
+    assert "token: '***'" in result.stdout
