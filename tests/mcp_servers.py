@@ -10,6 +10,7 @@ serves over stdio (the daemon runs it as a subprocess).
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import sys
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.subscriptions import InMemorySubscriptionBus, ToolsListChanged
 
@@ -56,6 +57,16 @@ def home_server(home: Home, name: str = "home") -> tuple[MCPServer, InMemorySubs
         await asyncio.sleep(seconds)
         return "done"
 
+    @server.tool(description="Offer one more tool, announced the pre-2026 way.")
+    async def add_porch_tool(ctx: Context) -> str:
+        def PorchLightOn() -> str:  # noqa: N802
+            return "porch light on"
+
+        home.extra_tools.append(("PorchLightOn", PorchLightOn))
+        server.add_tool(PorchLightOn, name="PorchLightOn")
+        await ctx.session.send_tool_list_changed()
+        return "added"
+
     @server.prompt(description="What the assistant may control.")
     def assist() -> str:
         return PROMPT
@@ -72,10 +83,18 @@ def free_port() -> int:
 
 
 class HttpMcpServer:
-    """`home_server()` over Streamable HTTP at `url`, requiring `Bearer <token>`."""
+    """`home_server()` over Streamable HTTP at `url`, requiring `Bearer <token>`.
 
-    def __init__(self, token: str, home: Home | None = None, name: str = "home") -> None:
+    With `legacy`, it answers `server/discover` with "method not found", as servers
+    before the 2026-07-28 protocol do (Home Assistant's): clients fall back to the
+    `initialize` handshake and get change notices unasked.
+    """
+
+    def __init__(
+        self, token: str, home: Home | None = None, name: str = "home", *, legacy: bool = False
+    ) -> None:
         self.token = token
+        self.legacy = legacy
         self.home = home if home is not None else Home()
         self.name = name
         self.port = free_port()
@@ -98,6 +117,13 @@ class HttpMcpServer:
                 await send({"type": "http.response.start", "status": 401, "headers": []})
                 await send({"type": "http.response.body", "body": b"unauthorized"})
                 return
+            if self.legacy and scope["type"] == "http" and scope["method"] == "POST":
+                body = await _body(receive)
+                request = json.loads(body) if body else {}
+                if isinstance(request, dict) and request.get("method") == "server/discover":
+                    await _json_reply(send, _method_not_found(request.get("id")))
+                    return
+                receive = _replay(body, receive)
             await app(scope, receive, send)
 
         config = uvicorn.Config(
@@ -141,3 +167,33 @@ class HttpMcpServer:
 def stdio_command(*args: str) -> list[str]:
     """The `command:` option that runs the stdio test server."""
     return [sys.executable, str(STDIO_SERVER), *args]
+
+
+async def _body(receive: Any) -> bytes:
+    body, more = b"", True
+    while more:
+        message = await receive()
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
+    return body
+
+
+def _replay(body: bytes, receive: Any) -> Any:
+    """`receive` as it was before `_body` read the request body."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replayed() -> Any:
+        return pending.pop() if pending else await receive()
+
+    return replayed
+
+
+def _method_not_found(request_id: Any) -> dict[str, Any]:
+    error = {"code": -32601, "message": "Method not found"}
+    return {"jsonrpc": "2.0", "id": request_id, "error": error}
+
+
+async def _json_reply(send: Any, payload: dict[str, Any]) -> None:
+    headers = [(b"content-type", b"application/json")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": json.dumps(payload).encode()})

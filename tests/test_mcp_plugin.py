@@ -28,7 +28,7 @@ from harkd.plugins import LiveTools, PluginHost, load_plugins
 from harkd.tools import ToolCall, ToolOutcome, ToolRunner
 from harkd_plugins.mcp import link
 from harkd_process import run_harkd, write_config
-from mcp_servers import PROMPT, HttpMcpServer, stdio_command
+from mcp_servers import PROMPT, HttpMcpServer, free_port, stdio_command
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -104,7 +104,7 @@ async def test_http_tools_are_offered_and_called_with_the_prompt_in_the_instruct
         plugged(tmp_path, {"mcp": http_options(server)}) as p,
     ):
         await until(lambda: "HassTurnOn" in p.names, what="the server's tools")
-        assert p.names == {"HassTurnOn", "OpenGarage", "ponder"}
+        assert p.names == {"HassTurnOn", "OpenGarage", "ponder", "add_porch_tool"}
         [turn_on] = [t for t in p.live.tools if t.name == "HassTurnOn"]
         assert turn_on.parameters["required"] == ["name"]
         assert turn_on.description == "Turn on a device or entity by name."
@@ -233,6 +233,34 @@ async def test_list_changed_offers_the_new_tool(tmp_path: Path) -> None:
         assert "HassTurnOff" in p.updates[-1][0]
         outcome = await p.call("HassTurnOff", {"name": "porch"})
         assert outcome.output_text() == json.dumps({"result": "Turned off porch"})
+
+
+async def test_a_server_before_the_2026_protocol_works_like_home_assistant(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The handshake of older servers, change notices sent unasked, and a ping that
+    notices the server left (no change stream shows it)."""
+    monkeypatch.setattr(link, "PING_INTERVAL_S", 0.2)
+    monkeypatch.setattr(link, "RETRY_INITIAL_S", 0.1)
+    caplog.set_level(logging.INFO)
+    async with (
+        HttpMcpServer(TOKEN, legacy=True) as server,
+        plugged(tmp_path, {"mcp": http_options(server)}) as p,
+    ):
+        await until(lambda: "HassTurnOn" in p.names, what="the server's tools")
+        assert PROMPT in p.live.instructions(BASE)
+        assert "sends no change notices" not in caplog.text  # no stream was asked for
+
+        assert (await p.call("add_porch_tool")).error is None
+        await until(lambda: "PorchLightOn" in p.names, what="the tool announced unasked")
+        assert (await p.call("PorchLightOn")).output == {"result": "porch light on"}
+
+        await server.stop()
+        await until(lambda: "unavailable" in caplog.text, what="the ping noticing")
+        started = time.monotonic()
+        outcome = await p.call("HassTurnOn", {"name": "hall"})
+        assert time.monotonic() - started < 1.0
+        assert outcome.error == "MCP server home is not reachable now (retrying)"
 
 
 async def test_allowlist_and_prompt_off(tmp_path: Path) -> None:
@@ -387,3 +415,20 @@ def test_check_config_shows_no_token(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert TOKEN not in result.stdout + result.stderr
     assert "token: '***'" in result.stdout
+
+
+async def test_stopping_the_plugin_while_it_connects_never_hangs(
+    tmp_path: Path, fast_retries: None
+) -> None:
+    """The SDK's task groups can swallow a cancellation that lands mid-connect; the
+    daemon's shutdown must not wait on a link that goes on retrying."""
+    options = {"servers": {"home": {"url": f"http://127.0.0.1:{free_port()}/mcp"}}}
+    host = PluginHost("kitchen", tmp_path, base_topic="harkd/kitchen", say=lambda _: None)
+    [background] = load_plugins({"mcp": options}, host).background
+    for attempt in range(40):
+        task = asyncio.create_task(background.run())
+        await asyncio.sleep(attempt % 8 * 0.005)  # land at different points of a connect
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=5)
+        assert done == {task}, f"attempt {attempt}: still running after cancel"
+        assert task.cancelled()

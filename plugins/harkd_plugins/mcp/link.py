@@ -120,9 +120,10 @@ class ServerLink:
                     await self._refresh(client)
                     self._client = client
                     self._log.info(
-                        "server %s (%s) connected; tools: %s",
+                        "server %s (%s) connected (protocol %s); tools: %s",
                         self.name,
                         self.options.where,
+                        client.protocol_version,
                         ", ".join(t.name for t in self.tools) or "none",
                     )
                     backoff.reset()
@@ -134,6 +135,7 @@ class ServerLink:
                 problem = _describe(exc)
             finally:
                 self._client = None
+            _honour_cancellation()
             if bearer is not None and bearer.refused:
                 if not refusal_reported:
                     self._log.error(
@@ -189,27 +191,33 @@ class ServerLink:
         modern = client.protocol_version in MODERN_PROTOCOL_VERSIONS
         listener = asyncio.create_task(self._listen(client)) if modern else None
         try:
-            while not self._lost:
+            while True:
+                # Cleared before the flags are read: a notice that comes while a
+                # refresh runs is seen on the next round, not lost.
                 self._wake.clear()
+                if self._lost:
+                    return
+                if self._stale:
+                    self._stale = False
+                    before = (self.tools, self.instructions)
+                    await self._refresh(client)
+                    if (self.tools, self.instructions) != before:
+                        self._log.info(
+                            "server %s changed; tools: %s",
+                            self.name,
+                            ", ".join(t.name for t in self.tools) or "none",
+                        )
+                        self._changed()
+                    continue
                 try:
                     async with asyncio.timeout(None if modern else PING_INTERVAL_S):
                         await self._wake.wait()
                 except TimeoutError:
                     await client.session.send_ping()  # raises when the server is gone
-                if self._stale and not self._lost:
-                    self._stale = False
-                    await self._refresh(client)
-                    self._log.info(
-                        "server %s changed; tools: %s",
-                        self.name,
-                        ", ".join(t.name for t in self.tools) or "none",
-                    )
-                    self._changed()
         finally:
             if listener is not None:
                 listener.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await listener
+                await asyncio.wait([listener])  # our own cancellation still propagates
 
     async def _listen(self, client: Client) -> None:
         listening = False
@@ -218,6 +226,9 @@ class ServerLink:
                 tools_list_changed=True, prompts_list_changed=self.options.prompt
             ) as stream:
                 listening = True
+                # A change between the listing and this subscription has no notice:
+                # list once more now that none can be missed.
+                self._mark_stale()
                 async for _event in stream:
                     self._mark_stale()
         except Exception as exc:
@@ -317,6 +328,7 @@ class ServerLink:
             raise ToolError(f"MCP server {self.name} is not reachable now (retrying)")
         try:
             result = await client.call_tool(name, args)
+            _honour_cancellation()
         except MCPError as exc:
             if exc.code == types.CONNECTION_CLOSED:
                 self._mark_lost()
@@ -332,6 +344,18 @@ class ServerLink:
         if result.structured_content is not None:
             return result.structured_content
         return _text(result)
+
+
+def _honour_cancellation() -> None:
+    """Raise `CancelledError` if this task was asked to stop.
+
+    The SDK's anyio task groups can swallow a native asyncio cancellation that lands
+    while they set up or unwind (about one in three cancellations during a connect
+    attempt): without this, shutdown would wait for a link that keeps retrying.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _text(result: types.CallToolResult) -> str:
