@@ -469,7 +469,9 @@ def describe_plugins(config_plugins: Mapping[str, Mapping[str, Any]]) -> str:
                 label = "problem" if enabled else "tools unknown without options"
                 lines.append(f"  {label}: {result}")
                 continue
-            if not result.tools:
+            if not result.tools and result.background:
+                lines.append("  tools: none at start (it may offer some while the daemon runs)")
+            elif not result.tools:
                 lines.append("  tools: none")
             for tool in result.tools:
                 lines.extend(_describe_tool(tool))
