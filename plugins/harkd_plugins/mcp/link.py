@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Generator
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -41,6 +42,9 @@ RETRY_INITIAL_S = 1.0
 RETRY_MAX_S = 60.0
 UNAUTHORIZED_RETRY_S = 300.0
 """A refused token does not fix itself: retry rarely (someone may renew it)."""
+STABLE_S = 10.0
+"""A connection that lasted this long starts the backoff again from the first delay;
+one a server accepts and drops at once keeps backing off (no hammering)."""
 PING_INTERVAL_S = 30.0
 """How often a server without a change stream is pinged to notice it went away."""
 MAX_PAGES = 100
@@ -101,11 +105,6 @@ class ServerLink:
         """The server's name in config."""
         return self.options.name
 
-    @property
-    def connected(self) -> bool:
-        """Whether calls go to the server now."""
-        return self._client is not None
-
     # --- the connection ---------------------------------------------------------------
 
     async def run(self) -> None:
@@ -115,6 +114,7 @@ class ServerLink:
         while True:
             bearer = _Bearer(self.options.token) if self.options.token is not None else None
             self._stale = self._lost = False
+            connected_at: float | None = None
             try:
                 async with self._connect(bearer) as client:
                     await self._refresh(client)
@@ -126,7 +126,7 @@ class ServerLink:
                         client.protocol_version,
                         ", ".join(t.name for t in self.tools) or "none",
                     )
-                    backoff.reset()
+                    connected_at = time.monotonic()
                     outage_reported = refusal_reported = False
                     self._changed()
                     await self._watch(client)
@@ -136,6 +136,8 @@ class ServerLink:
             finally:
                 self._client = None
             _honour_cancellation()
+            if connected_at is not None and time.monotonic() - connected_at >= STABLE_S:
+                backoff.reset()
             if bearer is not None and bearer.refused:
                 if not refusal_reported:
                     self._log.error(
@@ -247,7 +249,6 @@ class ServerLink:
             self._mark_stale()
         elif isinstance(message, Exception):
             self._log.debug("server %s transport: %s", self.name, _describe(message))
-        await anyio.lowlevel.checkpoint()
 
     def _mark_stale(self) -> None:
         self._stale = True
