@@ -71,6 +71,10 @@ def home_server(home: Home, name: str = "home") -> tuple[MCPServer, InMemorySubs
     def assist() -> str:
         return PROMPT
 
+    @server.prompt(description="A prompt whose server side is broken.")
+    def status() -> str:
+        raise RuntimeError("no status today")
+
     for tool_name, fn in home.extra_tools:
         server.add_tool(fn, name=tool_name)
     return server, bus

@@ -97,7 +97,7 @@ def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 async def test_http_tools_are_offered_and_called_with_the_prompt_in_the_instructions(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with (
         HttpMcpServer(TOKEN) as server,
@@ -111,6 +111,8 @@ async def test_http_tools_are_offered_and_called_with_the_prompt_in_the_instruct
         instructions = p.live.instructions(BASE)
         assert instructions.startswith(BASE) and PROMPT in instructions
         assert len(p.updates) == 1  # one merged change: tools and prompt together
+        # A prompt the server fails to give is left out; the rest still come.
+        assert "server home: prompt status left out" in caplog.text
 
         outcome = await p.call("HassTurnOn", {"name": "kitchen light"})
         assert outcome.error is None, outcome.error
@@ -200,7 +202,7 @@ async def test_a_call_while_the_server_is_away_fails_at_once_and_tools_come_back
     ):
         await until(lambda: "HassTurnOn" in p.names, what="the server's tools")
         await server.stop()
-        await until(lambda: "unavailable" in caplog.text, what="the link noticing")
+        await until(lambda: f"{server.url}) unavailable" in caplog.text, what="the link noticing")
 
         started = time.monotonic()
         outcome = await p.call("HassTurnOn", {"name": "hall"})
@@ -256,7 +258,7 @@ async def test_a_server_before_the_2026_protocol_works_like_home_assistant(
         assert (await p.call("PorchLightOn")).output == {"result": "porch light on"}
 
         await server.stop()
-        await until(lambda: "unavailable" in caplog.text, what="the ping noticing")
+        await until(lambda: f"{server.url}) unavailable" in caplog.text, what="the ping noticing")
         started = time.monotonic()
         outcome = await p.call("HassTurnOn", {"name": "hall"})
         assert time.monotonic() - started < 1.0

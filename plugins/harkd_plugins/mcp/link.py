@@ -96,6 +96,7 @@ class ServerLink:
         self._client: Client | None = None
         self._handlers: dict[str, ToolHandler] = {}
         self._skipped: set[str] = set()
+        self._skipped_prompts: set[str] = set()
         self._wake = asyncio.Event()
         self._stale = False
         self._lost = False
@@ -306,7 +307,19 @@ class ServerLink:
             for prompt in page.prompts:
                 if any(a.required for a in prompt.arguments or ()):
                     continue  # nothing to fill its arguments with
-                got = await client.get_prompt(prompt.name)
+                try:
+                    got = await client.get_prompt(prompt.name)
+                except MCPError as exc:
+                    # The tools work without it: one broken prompt must not keep them away.
+                    if prompt.name not in self._skipped_prompts:
+                        self._skipped_prompts.add(prompt.name)
+                        self._log.warning(
+                            "server %s: prompt %s left out: %s",
+                            self.name,
+                            prompt.name,
+                            exc.error.message,
+                        )
+                    continue
                 texts += (
                     m.content.text for m in got.messages if isinstance(m.content, types.TextContent)
                 )
