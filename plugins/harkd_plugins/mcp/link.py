@@ -240,7 +240,7 @@ class ServerLink:
                 self._log.info("server %s sends no change notices: %s", self.name, _describe(exc))
                 return
             self._log.debug("server %s change stream lost: %s", self.name, _describe(exc))
-        self._mark_lost()  # the stream ends with the connection
+        self._mark_lost(client)  # the stream ends with the connection
 
     async def _on_message(self, message: IncomingMessage) -> None:
         """Notices from servers before 2026-07-28, which send them unasked."""
@@ -255,7 +255,9 @@ class ServerLink:
         self._stale = True
         self._wake.set()
 
-    def _mark_lost(self) -> None:
+    def _mark_lost(self, client: Client) -> None:
+        if client is not self._client:
+            return  # news of a connection already replaced
         # Calls fail at once from here on, not after their timeout.
         self._client = None
         self._lost = True
@@ -345,13 +347,13 @@ class ServerLink:
             _honour_cancellation()
         except MCPError as exc:
             if exc.code == types.CONNECTION_CLOSED:
-                self._mark_lost()
+                self._mark_lost(client)
                 raise ToolError(f"MCP server {self.name} went away") from None
             if exc.code == types.REQUEST_TIMEOUT:
                 raise ToolError(f"timed out after {self.options.timeout_s:g} s") from None
             raise ToolError(f"MCP server {self.name}: {exc.error.message}") from None
         except (httpx2.TransportError, OSError, anyio.BrokenResourceError) as exc:
-            self._mark_lost()
+            self._mark_lost(client)
             raise ToolError(f"MCP server {self.name} is not reachable: {_describe(exc)}") from None
         if result.is_error:
             raise ToolError(_text(result) or f"{name} failed")
