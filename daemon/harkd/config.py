@@ -323,7 +323,24 @@ class Config(_Section):
         for section, key in (("realtime", "api_key"), ("mqtt", "password")):
             if data[section][key] is not None:
                 data[section][key] = "***"
+        data["plugins"] = _redact_options(data["plugins"])
         return data
+
+
+PLUGIN_SECRET_KEYS = frozenset({"token", "password", "api_key"})
+"""Plugin option keys whose values `Config.redacted` hides, at any depth (e.g. the `mcp`
+plugin's `servers.NAME.token`)."""
+
+
+def _redact_options(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {
+            k: "***" if k in PLUGIN_SECRET_KEYS and v is not None else _redact_options(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_redact_options(v) for v in value]
+    return value
 
 
 def _secret(value: SecretStr | None, path: Path | None) -> str | None:

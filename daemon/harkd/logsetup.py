@@ -205,7 +205,9 @@ def configure_logging(
         old.close()
     root.addHandler(handler)
     root.setLevel(levelno)
-    # websockets logs every frame at debug (base64 audio): only worth it when debugging.
-    logging.getLogger("websockets").setLevel(
-        logging.NOTSET if levelno <= logging.DEBUG else logging.WARNING
-    )
+    # websockets logs every frame at debug (base64 audio), and the MCP client's HTTP
+    # library every request at info: only worth it when debugging.
+    for chatty in ("websockets", "httpx2", "httpcore2"):
+        logging.getLogger(chatty).setLevel(
+            logging.NOTSET if levelno <= logging.DEBUG else logging.WARNING
+        )

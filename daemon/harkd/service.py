@@ -38,7 +38,7 @@ from harkd.messages import (
     is_url,
 )
 from harkd.mqtt import MqttBridge
-from harkd.plugins import BackgroundTask, LoadedPlugins, PluginHost, load_plugins
+from harkd.plugins import BackgroundTask, LiveTools, LoadedPlugins, PluginHost, load_plugins
 from harkd.systemd import LoopLagProbe, SystemdNotifier, run_watchdog, watchdog_interval_s
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,7 @@ class Daemon:
         )
         self.bridge: MqttBridge | None = None
         self.plugins = LoadedPlugins()
+        self.live_tools = LiveTools(self._apply_tools)
         self._parts: dict[str, _Part] = {}
         self._plugin_tasks: list[asyncio.Task[None]] = []
         self._service_tasks: list[asyncio.Task[None]] = []
@@ -112,7 +113,7 @@ class Daemon:
             # The bridge exists before plugins load: they subscribe while loading.
             self.bridge = self._make_bridge(self.config)
             self._load_plugins(self.config)
-            self.client.update_settings(tools=self.plugins.tools)
+            self.client.update_settings(tools=self.live_tools.tools)
             self.client.on_event(self._on_event)
             self.client.on_state_change(self._on_state)
             if self.on_client is not None:
@@ -265,6 +266,8 @@ class Daemon:
 
     def _load_plugins(self, config: Config) -> None:
         mqtt_on = config.mqtt.enabled
+        self.live_tools.close()  # the old plugin instances' offers are void from now on
+        live = self.live_tools = LiveTools(self._apply_tools)
         host = PluginHost(
             config.device.id,
             config.state_dir,
@@ -272,9 +275,18 @@ class Daemon:
             say=self.client.say,
             publish=self._publish if mqtt_on else None,
             subscribe=self._subscribe if mqtt_on else None,
+            offer=live.offer,
         )
         source = str(self.config_path or "config")
         self.plugins = load_plugins(config.plugins, host, source=source)  # logs problems
+        live.start(self.plugins)
+
+    def _apply_tools(self) -> None:
+        """A plugin changed its tools or instructions: the session gets them in one update."""
+        self.client.update_settings(
+            instructions=self.live_tools.instructions(self.config.realtime.instructions),
+            tools=self.live_tools.tools,
+        )
 
     # Plugins keep these two even when SIGHUP replaces the bridge.
     def _publish(
@@ -384,9 +396,9 @@ class Daemon:
             if tasks is not None:
                 self._start_plugin_tasks(tasks, self.plugins.background)
         self.client.update_settings(
-            instructions=new.realtime.instructions,
+            instructions=self.live_tools.instructions(new.realtime.instructions),
             voice=new.realtime.voice,
-            tools=self.plugins.tools,
+            tools=self.live_tools.tools,
         )
 
 
