@@ -279,3 +279,46 @@ async def test_a_provider_without_handles_is_never_given_one() -> None:
     await until(lambda: len(adapter.connections) == 2, what="reconnected")
     assert adapter.handles == [None, None]
     await stop(task)
+
+
+async def test_tools_that_change_while_the_session_opens_reach_it() -> None:
+    """An MCP server answering while the session is being set up: its tools must not
+    wait for the next change to reach the model."""
+    from e2e import fake_client
+    from harkd.adapters.openai import openai_realtime
+    from harkd.testing import FakeRealtimeServer
+    from harkd.tools import Tool
+
+    async def noop(args: Any, call: Any) -> str:
+        return "ok"
+
+    lamp = Tool("turn_on", "Turn a light on", {"type": "object", "properties": {}}, noop)
+    async with FakeRealtimeServer() as server:
+        inner = openai_realtime(url=server.url)
+        release = asyncio.Event()
+
+        class SlowSetup:
+            name, traits = inner.name, inner.traits
+
+            async def connect(self, token: Any, settings: Any, resume_handle: Any = None) -> Any:
+                conn = await inner.connect(token, settings, resume_handle)
+                await release.wait()
+                return conn
+
+        client = fake_client(server, "k", adapter=SlowSetup())
+        task = asyncio.create_task(client.run())
+        try:
+            await until(lambda: len(server.sessions) == 1, what="the session being set up")
+            client.update_settings(tools=[lamp])  # nothing to send it on yet
+            release.set()
+            await until(
+                lambda: any(
+                    [t["name"] for t in e["session"].get("tools", [])] == ["turn_on"]
+                    for _, e in server.received
+                    if e["type"] == "session.update"
+                ),
+                what="the new tool in a session.update",
+            )
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)

@@ -163,8 +163,13 @@ class ConnectionSupervisor:
         handle = self._resume_handle if self._adapter.traits.resume == "handle" else None
         try:
             token = await self._get_token()
-            conn = await self._adapter.connect(token, self._settings(), resume_handle=handle)
+            settings = self._settings()
+            conn = await self._adapter.connect(token, settings, resume_handle=handle)
             self._resumed = handle is not None
+            if (latest := self._settings()) != settings:
+                # Tools or instructions changed while the session was being set up
+                # (an MCP server answered meanwhile): the new session gets them too.
+                conn.update_session(latest)
             return conn
         except AuthenticationFailed as exc:
             error = RealtimeError("invalid_api_key", str(exc))
