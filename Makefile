@@ -67,7 +67,7 @@ test-systemd: $(STAMP)
 .PHONY: test-ha
 test-ha: $(STAMP)
 	$(MAKE) system APT_PACKAGES="systemd-container debootstrap"
-	cd tests && $(SUDO) ../$(PY) ha_tree.py
+	$(SUDO) $(PY) tests/ha_tree.py
 	$(SUDO) env HARKD_TEST_HA=1 $(PY) -m pytest -q -rP -m ha tests/test_ha.py
 
 # The whole suite STRESS_RUNS times in a row while a CPU-bound process per core

@@ -21,7 +21,6 @@ import contextlib
 import itertools
 import json
 import secrets
-import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -61,9 +60,10 @@ class HomeAssistant:
         """The MCP server (Streamable HTTP) of the mcp_server integration."""
         return f"{self.url}/api/mcp"
 
-    def log(self) -> str:
-        """Home Assistant's own log file."""
-        return (self.config / "home-assistant.log").read_text(errors="replace")
+    def log_tail(self, lines: int = 60) -> str:
+        """The end of Home Assistant's own log file."""
+        text = (self.config / "home-assistant.log").read_text(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
 
     def websocket(self) -> HaWebsocket:
         """A websocket API connection with the long-lived token (``async with``)."""
@@ -179,9 +179,6 @@ def running_home_assistant(workdir: Path, broker: Mosquitto) -> Iterator[HomeAss
     config = workdir / "config"
     port = free_port()  # just before use: the container shares the host's network
     write_config(config, http_port=port, mqtt_port=broker.port, mqtt_host=broker.host)
-    with (workdir / "home-assistant.out").open("w") as out:
-        began = time.monotonic()
-        with start_ha(tree, config, out) as proc:
-            wait_ha_up(config, port, START_TIMEOUT_S, ha=proc)
-            start_s = time.monotonic() - began
-            yield HomeAssistant(port, onboard(port), config, start_s)
+    with (workdir / "home-assistant.out").open("w") as out, start_ha(tree, config, out) as proc:
+        start_s = wait_ha_up(config, port, START_TIMEOUT_S, ha=proc)
+        yield HomeAssistant(port, onboard(port), config, start_s)

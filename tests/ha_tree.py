@@ -39,6 +39,9 @@ __all__ = [
     "ensure_ha_tree",
     "nspawn_command",
     "run_inside",
+    "start_ha",
+    "tree_path",
+    "wait_ha_up",
 ]
 
 SUITE = "trixie"
@@ -118,7 +121,7 @@ def run_inside(
     binds: Iterable[tuple[Path, str]] = (),
     timeout_s: float = 1800.0,
 ) -> None:
-    """Run a bash ``script`` as root in ``tree``; raise with the log's tail if it fails."""
+    """Run a bash ``script`` as root in ``tree`` (output to ``log``); raise if it fails."""
     argv = ["/bin/bash", "-c", f"set -e -o pipefail\n{script}"]
     proc = subprocess.run(
         nspawn_command(tree, argv, binds=binds),
@@ -222,8 +225,8 @@ print("\\n".join(json.load(open(sys.argv[1]))["requirements"]))' \\
 
 def _first_start(tree: Path, log: Log | None) -> None:
     # Home Assistant installs an integration's requirements when it first sets it up:
-    # start it once, with network, configured like the tests configure it.
-    # Kept beside the tree: its log shows what the first start installed.
+    # start it once, with network, configured like the tests configure it. The config
+    # folder stays beside the tree: its log shows what that start did.
     config = tree.with_name(tree.name + ".first-start")
     shutil.rmtree(config, ignore_errors=True)
     port = free_port()
