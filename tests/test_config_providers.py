@@ -74,7 +74,7 @@ def test_openai_is_the_default_with_its_defaults_filled_in() -> None:
 def test_an_unknown_provider_names_the_key_and_the_known_ones(third_party: None) -> None:
     message = problems(provider="opnai", api_key=KEY)
     assert "config.yaml: realtime.provider: unknown provider 'opnai'" in message
-    assert "(known: acme, broken, odd, openai)" in message
+    assert "(known: acme, broken, elevenlabs, odd, openai)" in message
 
 
 def test_openai_needs_a_key_but_a_third_party_need_not(third_party: None) -> None:

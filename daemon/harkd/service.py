@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from harkd.adapters.registry import build_adapter, token_source
+from harkd.arbitration import MqttArbiter
 from harkd.audio import open_input, open_output
 from harkd.backoff import Backoff
 from harkd.client import RealtimeClient
@@ -153,9 +154,11 @@ class Daemon:
             ]
 
     async def _announce_ready(self) -> None:
-        """READY=1 once audio, session and MQTT are up or retrying."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._started.wait(), READY_WAIT_S)
+        """READY=1 once audio, session and MQTT are up or retrying (an on-demand
+        session opens only when needed: nothing to wait for)."""
+        if self.config.realtime.connect == "always":
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._started.wait(), READY_WAIT_S)
         self.notifier.ready()
         self._on_state(self.client.state)
         log.info("harkd ready (device %s)", self.config.device.id)
@@ -224,8 +227,23 @@ class Daemon:
 
     def _make_bridge(self, config: Config) -> MqttBridge | None:
         if not config.mqtt.enabled:
+            self.client.arbiter = None  # alone: every wake word is this device's
             return None
-        return MqttBridge(config.mqtt, config.device, config.mqtt_password(), self.client)
+        words = [Path(w.model).stem for w in config.wake.words] if config.wake.enabled else []
+        bridge = MqttBridge(
+            config.mqtt, config.device, config.mqtt_password(), self.client, wake_words=words
+        )
+        self.client.arbiter = None
+        if config.wake.enabled and config.wake.arbitration:
+            arbiter = MqttArbiter(
+                config.device.id,
+                config.mqtt.base_topic,
+                publish=lambda topic, payload: bridge.publish(topic, payload, qos=1),
+                connected=lambda: bridge.connected,
+            )
+            bridge.subscribe(arbiter.topic, arbiter.received)
+            self.client.arbiter = arbiter
+        return bridge
 
     def _start_mqtt(
         self, tasks: asyncio.TaskGroup, after: asyncio.Task[None] | None = None
@@ -419,6 +437,9 @@ def _build_client(config: Config) -> RealtimeClient:
         rollover_s=rt.rollover_s,
         replay_messages=rt.replay_messages,
         volume=config.audio.output.volume,
+        wake=config.wake if config.wake.enabled else None,
+        connect=rt.connect,
+        idle_disconnect_s=rt.idle_disconnect_s,
     )
 
 

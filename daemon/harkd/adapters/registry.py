@@ -47,6 +47,14 @@ class Provider:
     """`realtime.api_key` (or `api_key_file`) is required."""
     mint_tokens: TokenMinter | None = None
     """How `realtime.ephemeral_tokens` gets client secrets; None: not supported."""
+    turn_detection: frozenset[str] = frozenset({"server_vad", "semantic_vad", "manual"})
+    """The `realtime.turn_detection` values it supports."""
+    check: Callable[[RealtimeConfig], None] | None = None
+    """Checks the provider's own keys of a `realtime` section; raises `ValueError`
+    whose text starts with the key (`realtime.agent_id: required ...`)."""
+    fake: str | None = None
+    """`module:attribute` of its fake server in `harkd.testing` (a `ProviderFake`
+    factory), for `harkd demo --provider` and `harkd fake-server --provider`."""
 
 
 OPENAI_URL = "wss://api.openai.com/v1/realtime"
@@ -72,6 +80,28 @@ def _openai_secrets(api_key: str, config: RealtimeConfig) -> TokenSource:
     )
 
 
+ELEVENLABS_URL = "wss://api.elevenlabs.io/v1/convai/conversation"
+ELEVENLABS_AGENT_VOICE = "agent"
+"""ElevenLabs' default `realtime.voice`: the agent's own voice (no override is sent)."""
+
+
+def _elevenlabs(config: RealtimeConfig) -> RealtimeAdapter:
+    from harkd.adapters.elevenlabs import ElevenLabsAdapter
+
+    assert config.agent_id is not None  # _elevenlabs_check refused the config otherwise
+    return ElevenLabsAdapter(
+        config.agent_id,
+        config.url or ELEVENLABS_URL,
+        ping_interval_s=config.ping_interval_s,
+        ping_timeout_s=config.ping_timeout_s,
+    )
+
+
+def _elevenlabs_check(config: RealtimeConfig) -> None:
+    if not config.agent_id:
+        raise ValueError("realtime.agent_id: required for provider elevenlabs")
+
+
 BUILTIN: dict[str, Provider] = {
     "openai": Provider(
         "openai",
@@ -81,6 +111,18 @@ BUILTIN: dict[str, Provider] = {
         voice=OPENAI_VOICE,
         needs_api_key=True,
         mint_tokens=_openai_secrets,
+        fake="harkd.testing.fake_server:FakeRealtimeServer",
+    ),
+    # A public agent needs no key; with realtime.api_key harkd fetches a signed URL
+    # (private agents). The agent's own turn model decides every turn.
+    "elevenlabs": Provider(
+        "elevenlabs",
+        _elevenlabs,
+        url=ELEVENLABS_URL,
+        voice=ELEVENLABS_AGENT_VOICE,
+        turn_detection=frozenset({"server_vad"}),
+        check=_elevenlabs_check,
+        fake="harkd.testing.elevenlabs_fake:ElevenLabsFakeServer",
     ),
 }
 

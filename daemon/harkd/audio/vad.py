@@ -40,6 +40,11 @@ Decision rules (frames of `frame_ms`, durations rounded up to whole frames):
 - For `WARMUP_MS` after construction and `reset` no frame counts as speech: a fresh
   webrtcvad calls the first frame of any steady noise speech (plus its hangover),
   which in a room with a fan would open a turn on every reset.
+- After a wake word: `open_armed` opens a turn at once, so everything said after the
+  wake word is streamed (nothing of it is lost to the opening decision), but the turn
+  is armed: it counts no speech and does not close on silence until the opening rule
+  above is met; with no speech within its wait it is dropped. Its first `quiet_ms`
+  never count as speech (the wake chime plays then).
 - Push-to-talk: `open_now` opens a turn regardless of the VAD with the last
   `preroll_ms` as preroll; such a turn does not close on silence, only on
   `close_now` (`"manual"`) or at `max_turn_s`, and all of its audio counts as
@@ -151,6 +156,8 @@ class Endpointer:
         self._window = 0
         self._open = False
         self._manual = False
+        self._armed = False
+        self._wait_left = 0
         self._turn_frames = 0
         self._speech_frames = 0
         self._silent_run = 0
@@ -191,6 +198,8 @@ class Endpointer:
             return []
 
         self._turn_frames += 1
+        if self._armed:
+            return self._armed_frame(speech, payload)
         if speech:
             self._speech_frames += 1
             self._silent_run = 0
@@ -216,11 +225,34 @@ class Endpointer:
         self._start_turn(manual=True, turn_frames=0, speech_frames=0)
         return [TurnOpened(preroll)]
 
+    def open_armed(self, wait_ms: float, quiet_ms: float = 0) -> list[VadEvent]:
+        """A wake word was heard: open an armed turn now (see the module docstring),
+        dropped unless speech starts within `wait_ms`; whatever was open before is
+        forgotten."""
+        self.reset()
+        self._warmup_left = max(self._warmup_frames, _frames(quiet_ms, self._frame_ms))
+        self._start_turn(manual=False, turn_frames=0, speech_frames=0)
+        self._armed = True
+        self._wait_left = _frames(wait_ms, self._frame_ms)
+        return [TurnOpened(())]
+
     def close_now(self) -> list[VadEvent]:
         """Push-to-talk released: close the open turn (nothing when none is open)."""
         if not self._open:
             return []
         return [self._close("manual")]
+
+    def _armed_frame(self, speech: bool, payload: bytes) -> list[VadEvent]:
+        self._window = ((self._window << 1) | speech) & self._window_mask
+        if speech and self._window.bit_count() >= self._start_frames:
+            self._armed = False  # speech started: from here on an ordinary turn
+            self._speech_frames = self._window.bit_count()
+            self._window = 0
+            return [TurnAudio(payload)]
+        self._wait_left -= 1
+        if self._wait_left <= 0 or self._turn_frames >= self._max_frames:
+            return [TurnAudio(payload), self._close("silence")]  # no speech: dropped
+        return [TurnAudio(payload)]
 
     def _is_speech(self, pcm16k: bytes) -> bool:
         if not self._vad.is_speech(pcm16k, VAD_RATE):
@@ -259,7 +291,7 @@ class Endpointer:
     def _close(self, reason: CloseReason) -> VadEvent:
         speech_ms = self.speech_ms
         self._open = False
-        self._manual = False
+        self._manual = self._armed = False
         self._turn_frames = self._speech_frames = self._silent_run = 0
         if speech_ms < MIN_COMMIT_MS:
             return TurnDropped(speech_ms)

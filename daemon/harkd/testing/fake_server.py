@@ -450,6 +450,15 @@ class FakeRealtimeServer:
         """``{http_url}/v1``: usable as the ``openai`` SDK's ``base_url``."""
         return f"{self.http_url}/v1"
 
+    def realtime_config(self, api_key: str) -> dict[str, Any]:
+        """The `realtime:` section that points harkd at this server with `api_key`."""
+        return {"provider": "openai", "url": self.url, "api_key": api_key}
+
+    @property
+    def audio_ms_received(self) -> float:
+        """Microphone audio received so far, over all sessions, in milliseconds."""
+        return sum(session.audio_ms_received for session in self.sessions)
+
     # ---- injection
 
     def fail_auth_next(self, n: int = 1) -> None:
