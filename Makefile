@@ -61,7 +61,7 @@ test-systemd: $(STAMP)
 	$(SUDO) env HARKD_TEST_SYSTEMD=1 $(PY) -m pytest -q -rP -m systemd_boot tests/test_systemd_boot.py
 
 # A real Home Assistant (2026.2, which needs Python 3.13): debootstraps Debian 13 into
-# /var/cache/harkd-test with Home Assistant in a venv (a few minutes and about 2 GB the
+# /var/cache/harkd-test with Home Assistant in a venv (about 4 minutes and 1.6 GB the
 # first time; each step is stamped, so an interrupted build resumes), then runs it with
 # systemd-nspawn against a real harkd. Needs root; -rP shows the measured times.
 .PHONY: test-ha

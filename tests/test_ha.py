@@ -5,8 +5,10 @@ this module's private Mosquitto, the MCP server on the Assist API. Each test run
 own `harkd run` daemon (a device id of its own) against the fake realtime server, with
 MQTT discovery on that broker. What is proved is what a user sees:
 
-* every entity harkd announces appears in Home Assistant, available;
-* HA's listen button and volume slider reach the daemon;
+* every entity harkd announces (with a wake word configured, so the wake event too)
+  appears in Home Assistant, available, on one device;
+* HA's listen button wakes the daemon (and HA's wake event fires), its volume slider
+  sets the daemon's volume;
 * Home Assistant's MCP server turns a demo light on for an MCP client, and for
   harkd's `mcp` plugin when a typed request makes the model call HassTurnOn.
 
@@ -55,6 +57,9 @@ T = TypeVar("T")
 KEY = "sk-test-ha-0123456789"
 # Generous: Home Assistant and harkd share two loaded cores with other work.
 SETTLE_S = 60.0
+# A wake word, so that every entity harkd can announce is announced (the wake event),
+# and so that the listen button has a visible effect: it wakes the device.
+WAKE = {"wake": {"enabled": True, "sound": None}}
 
 broker = mosquitto_fixture(scope="module")
 
@@ -190,10 +195,10 @@ async def test_home_assistant_creates_every_entity_harkd_discovers(
     tmp_path: Path, broker: Mosquitto, home_assistant: HomeAssistant
 ) -> None:
     ha = home_assistant
-    async with harkd_daemon(tmp_path, broker, ha, "hall") as daemon:
+    async with harkd_daemon(tmp_path, broker, ha, "hall", **WAKE) as daemon:
         components = daemon.discovery["components"]
         # Whatever harkd announces (entities added later included) is checked alike.
-        assert {"status", "listen", "volume"} <= components.keys()
+        assert {"status", "listen", "volume", "wake_word"} <= components.keys()
         async with ha.websocket() as ws:
             for key, entity_id in daemon.entities.items():
                 assert entity_id.split(".")[0] == components[key]["platform"], key
@@ -216,8 +221,9 @@ async def test_home_assistant_creates_every_entity_harkd_discovers(
 
         # What harkd reports is what Home Assistant shows.
         assert shown["status"]["state"] == "connected"
-        assert shown["mode"]["state"] == "listening"  # server VAD: always listening
+        assert shown["mode"]["state"] == "idle"  # waiting for a wake word
         assert shown["volume"]["state"] == "100"
+        assert shown["wake_word"]["attributes"]["event_types"] == ["okay_nabu", "command"]
 
 
 # --------------------------------------------------------------------------- commands
@@ -227,29 +233,40 @@ async def test_the_listen_button_and_the_volume_slider_reach_harkd(
     tmp_path: Path, broker: Mosquitto, home_assistant: HomeAssistant
 ) -> None:
     ha = home_assistant
-    manual = {"realtime": {"turn_detection": "manual"}}  # idle until someone asks
-    async with harkd_daemon(tmp_path, broker, ha, "desk", **manual) as daemon:
-        mode, volume = daemon.entities["mode"], daemon.entities["volume"]
-        with Recorder(broker, f"{daemon.base}/#") as rec:
+    async with harkd_daemon(tmp_path, broker, ha, "desk", **WAKE) as daemon:
+        base, server = daemon.base, daemon.server
+        with Recorder(broker, f"{base}/#") as rec:
             async with ha.websocket() as ws:
-                await wait_state(ws, mode, "idle")
-                turns = sent_types(daemon.server).count("input_audio_buffer.clear")
+                await wait_state(ws, daemon.entities["mode"], "idle")
+                # No wake word yet: no audio has left the device.
+                assert "input_audio_buffer.append" not in sent_types(server)
 
                 await ws.call_service("button", "press", daemon.entities["listen"])
 
-                # harkd opened a turn: it says so on MQTT and starts a fresh buffer.
-                await rec.wait_for(f"{daemon.base}/mode", lambda m: m.text == "listening", SETTLE_S)
+                # The button acts as a wake word: harkd says so, listens, streams audio ...
+                woken = await rec.wait_for(f"{base}/wake", timeout_s=SETTLE_S)
+                assert json.loads(woken.text)["word"] == "command"
+                await rec.wait_for(f"{base}/mode", lambda m: m.text == "listening", SETTLE_S)
                 await until(
-                    lambda: sent_types(daemon.server).count("input_audio_buffer.clear") > turns,
+                    lambda: "input_audio_buffer.append" in sent_types(server),
                     SETTLE_S,
-                    "a new turn at the fake server",
+                    "audio at the fake server after the button",
                 )
 
+                # ... and Home Assistant's wake event entity fired with it.
+                async def fired() -> bool:
+                    states = await ws.states()
+                    attributes = states[daemon.entities["wake_word"]]["attributes"]
+                    return bool(attributes.get("event_type") == "command")
+
+                await eventually(fired, "HA's wake word event with event_type 'command'")
+
+                volume = daemon.entities["volume"]
                 await ws.call_service("number", "set_value", volume, value=35)
 
-                command = await rec.wait_for(f"{daemon.base}/cmd/volume", timeout_s=SETTLE_S)
+                command = await rec.wait_for(f"{base}/cmd/volume", timeout_s=SETTLE_S)
                 assert float(command.text) == 35
-                await rec.wait_for(f"{daemon.base}/volume", lambda m: m.text == "35", SETTLE_S)
+                await rec.wait_for(f"{base}/volume", lambda m: m.text == "35", SETTLE_S)
                 await wait_state(ws, volume, "35")  # harkd's answer, back in HA
 
 
