@@ -51,8 +51,8 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "tests"))
 
-import bench_audio  # noqa: E402
 import bench_arbitration  # noqa: E402
+import bench_audio  # noqa: E402
 import bench_providers  # noqa: E402
 import bench_session as bs  # noqa: E402
 import bench_soak  # noqa: E402
