@@ -186,7 +186,8 @@ def inside(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Inside]:
         timeout=3000,
     )
     assert proc.returncode == 0, f"pip install failed:\n{proc.stdout}\n{proc.stderr}"
-    print(f"measured: venv + pip install (downloads included) {time.monotonic() - began:.0f} s, emulated")
+    took = time.monotonic() - began
+    print(f"measured: venv + pip install (downloads included) {took:.0f} s, emulated")
     yield Inside(tree, venv, out, wheel)
 
 
