@@ -1,7 +1,8 @@
 """Capture: the microphone's frames through the pipeline to the connection.
 
 It owns the mic gate's rules (mute; half duplex while the assistant speaks, plus an
-echo tail), runs the capture pipeline on every frame, streams audio (the server decides
+echo tail; full duplex with `barge_in`, and with an echo canceller only once it has
+converged), runs the capture pipeline on every frame, streams audio (the server decides
 turns) or acts on the local VAD's turn events (the device decides turns), and counts
 what it sends into the session's open turn.
 """
@@ -14,7 +15,13 @@ from collections.abc import Callable, Iterable, Sequence
 
 from harkd.adapters.base import RealtimeConnection
 from harkd.audio.base import AudioInput, MeterReading
-from harkd.audio.pipeline import CapturePipeline, Endpoint, Stage, capture_pipeline
+from harkd.audio.pipeline import (
+    CapturePipeline,
+    EchoCanceller,
+    Endpoint,
+    Stage,
+    capture_pipeline,
+)
 from harkd.audio.vad import Endpointer, TurnAudio, TurnClosed, TurnDropped, TurnOpened, VadEvent
 from harkd.config import VadConfig
 from harkd.events import AppendAudio
@@ -35,9 +42,11 @@ class Capture:
         echo_tail_ms: int = 300,
         vad: VadConfig | None = None,
         analysis: Sequence[Stage] = (),
+        conditioning: Sequence[Stage] = (),
     ) -> None:
         """`vad` set: the local VAD decides turns (manual mode); `analysis` stages
-        look at the 16 kHz audio before the VAD (a wake word)."""
+        look at the 16 kHz audio before the VAD (a wake word); `conditioning` stages
+        clean the microphone's audio first (echo cancellation)."""
         self._session = session
         self._apply = apply
         self._connection = connection
@@ -46,6 +55,8 @@ class Capture:
         self._echo_tail_s = echo_tail_ms / 1000
         self._endpoint = Endpoint(Endpointer(vad)) if vad is not None else None
         self._analysis = analysis
+        self._conditioning = conditioning
+        self._cancellers = [s for s in conditioning if isinstance(s, EchoCanceller)]
         self._pipeline: CapturePipeline | None = None
         self._quiet_since = 0.0
         self.muted = False
@@ -84,8 +95,9 @@ class Capture:
     def _shut(self) -> bool:
         if self.muted:
             return True
-        if self._barge_in:
+        if self._barge_in and all(c.echo_free for c in self._cancellers):
             return False
+        # Until a canceller has converged the mic would hear the assistant: half duplex.
         # Half duplex: while the assistant talks (and a tail after) the mic is shut.
         if self._session.speaking:
             return True
@@ -99,6 +111,7 @@ class Capture:
             is_shut=self._shut,
             endpoint=self._endpoint,
             analysis=self._analysis,
+            conditioning=self._conditioning,
         )
         off_loop = pipeline.off_loop  # the stages are fixed: decided once, not per frame
         async for frame in source.frames():

@@ -20,6 +20,7 @@ from harkd.adapters.base import RealtimeAdapter
 from harkd.audio import stop_devices
 from harkd.audio.base import AudioInput, AudioOutput, MeterReading
 from harkd.audio.meter import visualization
+from harkd.audio.pipeline import Stage
 from harkd.backoff import Backoff
 from harkd.capture import Capture
 from harkd.config import VadConfig
@@ -67,7 +68,10 @@ class RealtimeClient:
         rollover_s: float = 3300.0,
         replay_messages: int = 12,
         volume: int = 100,
+        conditioning: Sequence[Stage] = (),
     ) -> None:
+        """`conditioning`: capture stages that clean the microphone's audio before
+        anything else sees it (`harkd.audio.echo.processing_stages`)."""
         self._input = audio_input
         self._output = audio_output
         self._volume = volume
@@ -112,6 +116,7 @@ class RealtimeClient:
             barge_in=barge_in,
             echo_tail_ms=echo_tail_ms,
             vad=(vad or VadConfig()) if vad_mode == "manual" else None,
+            conditioning=conditioning,
         )
         self._run_task: asyncio.Task[None] | None = None
         self._owns_run_task = False

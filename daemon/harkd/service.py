@@ -21,6 +21,7 @@ from typing import Any
 
 from harkd.adapters.registry import build_adapter, token_source
 from harkd.audio import open_input, open_output
+from harkd.audio.echo import processing_stages
 from harkd.backoff import Backoff
 from harkd.client import RealtimeClient
 from harkd.config import Config, ConfigError, load_config
@@ -403,6 +404,8 @@ def _build_client(config: Config) -> RealtimeClient:
     modes = {"server_vad": "server", "semantic_vad": "semantic", "manual": "manual"}
     assert rt.voice is not None  # the config filled in the provider's default or refused
     adapter = build_adapter(rt)
+    audio_input = open_input(config.audio.input)
+    audio_output = open_output(config.audio.output, adapter.traits.output_format.rate)
     return RealtimeClient(
         get_token=token_source(rt, key),
         adapter=adapter,
@@ -410,8 +413,8 @@ def _build_client(config: Config) -> RealtimeClient:
         instructions=rt.instructions,
         voice=rt.voice,
         transcription_model=rt.transcription_model,
-        audio_input=open_input(config.audio.input),
-        audio_output=open_output(config.audio.output, adapter.traits.output_format.rate),
+        audio_input=audio_input,
+        audio_output=audio_output,
         barge_in=config.audio.barge_in,
         echo_tail_ms=config.audio.echo_tail_ms,
         vad=config.vad,
@@ -419,6 +422,9 @@ def _build_client(config: Config) -> RealtimeClient:
         rollover_s=rt.rollover_s,
         replay_messages=rt.replay_messages,
         volume=config.audio.output.volume,
+        conditioning=processing_stages(
+            config.audio.processing, audio_input.sample_rate, audio_output
+        ),
     )
 
 

@@ -1,12 +1,14 @@
 """The capture pipeline: small stages between the microphone and the provider.
 
-    meter -> (conditioning: echo cancel) -> gate -> resample to 16 kHz
+    (conditioning: echo cancel) -> meter -> gate -> resample to 16 kHz
           -> (analysis: wake word) -> endpointer -> provider rate
 
 Every stage is a plain object that takes an `AudioFrame` (which carries its own
 sample rate) and hands one on, or None to stop it there; none does I/O or touches the
-event loop, so each is unit-tested with arrays. The provider-rate stage converts the
-gated frame itself, not the 16 kHz analysis copy, so the provider hears the full band.
+event loop, so each is unit-tested with arrays. The meter measures the conditioned
+audio: with echo cancellation on, the level shown is what the assistant listens to.
+The provider-rate stage converts the gated frame itself, not the 16 kHz analysis
+copy, so the provider hears the full band.
 
 `CapturePipeline.push` returns what the client must do with one captured frame: PCM to
 stream now (the server decides turns), or the endpointer's turn events (the device
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from harkd.audio.base import VAD_RATE, AudioFrame
 from harkd.audio.meter import LevelMeter
@@ -40,6 +42,15 @@ class Stage(Protocol):
 
     def process(self, frame: AudioFrame) -> AudioFrame | None:
         """The frame for the next stage, or None when nothing goes on."""
+
+
+@runtime_checkable
+class EchoCanceller(Protocol):
+    """A conditioning stage that removes the speaker's echo from the microphone."""
+
+    @property
+    def echo_free(self) -> bool:
+        """True once its output no longer carries the assistant's voice (converged)."""
 
 
 class Meter:
@@ -132,7 +143,7 @@ class CapturePipeline:
     to_provider: Resample
     endpoint: Endpoint | None = None
     conditioning: Sequence[Stage] = ()
-    """Between the meter and the gate (echo cancellation)."""
+    """Before the meter and the gate (echo cancellation)."""
     analysis: Sequence[Stage] = ()
     """On the 16 kHz frame, before the endpointer (wake word)."""
 
@@ -143,14 +154,15 @@ class CapturePipeline:
 
     def push(self, frame: AudioFrame) -> Sequence[CaptureOutput]:
         """Everything one captured frame leads to, in order."""
-        self.meter.process(frame)
-        conditioned: AudioFrame | None = frame
+        conditioned = frame
         for stage in self.conditioning:
-            if conditioned is None:
+            processed = stage.process(conditioned)
+            if processed is None:
                 return ()
-            conditioned = stage.process(conditioned)
+            conditioned = processed
+        self.meter.process(conditioned)
         was_shut = self.gate.shut
-        gated = None if conditioned is None else self.gate.process(conditioned)
+        gated = self.gate.process(conditioned)
         if gated is None:
             if self.gate.shut and not was_shut and self.endpoint is not None:
                 self.endpoint.gate_shut()

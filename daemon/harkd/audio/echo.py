@@ -1,0 +1,255 @@
+"""Echo cancellation, noise suppression and automatic gain: WebRTC's audio processing
+module (AEC3, NS, AGC2 through `pywebrtc-audio`) as a conditioning stage.
+
+The canceller's far end is what the speaker really played (`PlayedReference`, fed by
+the playback thread after the device accepted each write), read for the span of time
+each microphone frame covers. The frame's span comes from its capture stamp; frames
+are then counted end to end so that scheduling jitter does not shake the reference,
+and the count is re-anchored when the stamps say it went wrong (frames lost, a device
+reopened, clocks drifted). AEC3 estimates the remaining delay itself (the sound
+server's latency, the air); `delay_ms` is its starting guess.
+
+The stage logs once when the canceller has converged: when, over a second of speaker
+audio, it removes `CONVERGED_DB` of what the microphone picked up, with the echo's
+delay behind the reference (measured by cross-correlation, since the library exposes
+no statistics).
+
+WebRTC works on 10 ms blocks: frames of other lengths are regrouped, which delays the
+audio by less than one block. The library releases the GIL, and the stage is `heavy`,
+so the pipeline runs it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+
+import numpy as np
+import numpy.typing as npt
+from pywebrtc_audio import AudioProcessor
+
+from harkd.audio.base import AudioFrame
+from harkd.audio.reference import PlayedReference, ReportsPlayed
+from harkd.config import ProcessingConfig
+
+log = logging.getLogger(__name__)
+
+NS_LEVELS = {"low": 0, "moderate": 1, "high": 2, "very_high": 3}
+"""`audio.processing.noise_suppression` -> WebRTC's level (6, 12, 18, 21 dB)."""
+CONVERGED_DB = 20.0
+"""Echo removed (ERLE) over `CONVERGED_WINDOW_S` of speaker audio that counts as converged."""
+CONVERGED_WINDOW_S = 1.0
+FAR_ACTIVE_RMS = 0.003
+"""A block of the reference louder than this (RMS, 0..1, about -50 dBFS) is speaker audio."""
+ECHO_AUDIBLE_RMS = 0.001
+"""... and the microphone must hear at least this much for it to count as echo."""
+UNHEARD_S = 3.0
+"""Speaker audio the microphone never hears for this long: nothing to cancel."""
+READ_AHEAD_S = 0.05
+"""The reference is read this far ahead of a frame's stamps. A canceller can only
+remove echo that comes after its reference, and the stamps are not exact (the sound
+server's buffering, a period's granularity: through PulseAudio the echo arrived about
+20 ms before its stamps say); AEC3 finds the delay that remains."""
+EARLY_TOLERANCE_S = 0.005
+"""A frame stamped this much earlier than counted re-anchors the count (at once: a
+reference later than its echo cannot be cancelled)."""
+LATE_TOLERANCE_S = 0.12
+"""A frame stamped this much later than counted re-anchors it too (lost frames, a
+reopened device); less is scheduling jitter and is ignored."""
+_FULL_SCALE = 32768.0
+
+
+class AudioProcessing:
+    """The conditioning stage: AEC3 (with a reference), NS and AGC2 on the raw mic."""
+
+    heavy = True
+
+    def __init__(
+        self,
+        config: ProcessingConfig,
+        sample_rate: int,
+        reference: PlayedReference | None = None,
+    ) -> None:
+        """`reference` is required with `config.echo_cancellation` (at `sample_rate`)."""
+        if config.echo_cancellation and (reference is None or reference.rate != sample_rate):
+            raise ValueError("echo cancellation needs a played reference at the capture rate")
+        self.sample_rate = sample_rate
+        self._reference = reference if config.echo_cancellation else None
+        level = config.noise_suppression
+        self._apm = AudioProcessor(
+            sample_rate,
+            echo_cancellation=config.echo_cancellation,
+            noise_suppression=level is not False,
+            auto_gain_control=config.auto_gain,
+            ns_level=NS_LEVELS[level] if isinstance(level, str) else 1,
+            stream_delay_ms=config.delay_ms or 0,
+        )
+        self._block = max(1, sample_rate // 100)
+        self._pending = np.zeros(0, dtype=np.int16)
+        self._pending_far = np.zeros(0, dtype=np.int16)
+        self._cursor: int | None = None  # reference sample index of the next mic sample
+        self.convergence = Convergence(sample_rate) if self._reference is not None else None
+        """ERLE bookkeeping and the one-time converged log (echo cancellation only)."""
+
+    @property
+    def echo_free(self) -> bool:
+        """False while the canceller has not converged: the assistant's voice would
+        still come through, so capture stays half duplex until then."""
+        return self.convergence is None or self.convergence.converged
+
+    def process(self, frame: AudioFrame) -> AudioFrame | None:
+        """The frame with echo removed (and noise, gain as configured); None while a
+        frame shorter than a 10 ms block is being regrouped."""
+        near = np.frombuffer(frame.pcm, dtype="<i2")
+        far = self._far(frame, len(near)) if self._reference is not None else None
+        near, far = self._regroup(near, far)
+        if len(near) == 0:
+            return None
+        out: npt.NDArray[np.int16] = self._apm.process(near, far)
+        if self.convergence is not None and far is not None:
+            self.convergence.update(near, far, out)
+        pcm = out.astype("<i2", copy=False).tobytes()
+        return AudioFrame(pcm, self.sample_rate, frame.captured_at)
+
+    def _far(self, frame: AudioFrame, count: int) -> npt.NDArray[np.int16]:
+        """The reference for the span this frame covers."""
+        assert self._reference is not None
+        stamped = round((frame.captured_at + READ_AHEAD_S) * self.sample_rate) - count
+        cursor = self._cursor
+        if (
+            cursor is None
+            or stamped < cursor - EARLY_TOLERANCE_S * self.sample_rate
+            or stamped > cursor + LATE_TOLERANCE_S * self.sample_rate
+        ):
+            cursor = stamped
+        self._cursor = cursor + count
+        return self._reference.read(cursor, count)
+
+    def _regroup(
+        self, near: npt.NDArray[np.int16], far: npt.NDArray[np.int16] | None
+    ) -> tuple[npt.NDArray[np.int16], npt.NDArray[np.int16] | None]:
+        """Whole 10 ms blocks of what came so far (the rest waits for the next frame)."""
+        if len(self._pending) == 0 and len(near) % self._block == 0:
+            return near, far  # the usual case: 10 or 20 ms periods
+        near = np.concatenate((self._pending, near))
+        usable = len(near) - len(near) % self._block
+        self._pending = near[usable:]
+        if far is not None:
+            far = np.concatenate((self._pending_far, far))
+            self._pending_far = far[usable:]
+            far = far[:usable]
+        return near[:usable], far
+
+
+class Convergence:
+    """Watches how much echo the canceller removes; logs once when it has converged."""
+
+    def __init__(self, sample_rate: int) -> None:
+        self.sample_rate = sample_rate
+        self.converged = False
+        self.speaker_s = 0.0
+        """Seconds of speaker audio (reference above `FAR_ACTIVE_RMS`) seen so far."""
+        self.converged_after_s: float | None = None
+        """`speaker_s` when it converged."""
+        self.delay_ms: float | None = None
+        """How far the echo lags the reference, when it converged."""
+        self.erle_db: float | None = None
+        """Echo removed over the last window of speaker audio."""
+        window = int(CONVERGED_WINDOW_S * sample_rate)
+        self._window = window
+        # Per block of speaker audio: (samples, energy in, energy out).
+        self._blocks: deque[tuple[int, float, float]] = deque()
+        self._unheard_s = 0.0  # speaker audio the microphone did not pick up at all
+        self._samples = 0
+        self._near: deque[npt.NDArray[np.int16]] = deque()
+        self._far: deque[npt.NDArray[np.int16]] = deque()
+        self._kept = 0
+
+    def update(
+        self, near: npt.NDArray[np.int16], far: npt.NDArray[np.int16], out: npt.NDArray[np.int16]
+    ) -> None:
+        """Account for one processed chunk: mic in, reference, mic out."""
+        if self.converged:
+            return
+        self._keep(near, far)
+        if _rms(far) < FAR_ACTIVE_RMS:
+            return
+        if _rms(near) < ECHO_AUDIBLE_RMS:
+            # A microphone that does not hear the speaker has no echo to remove.
+            self._unheard_s += len(near) / self.sample_rate
+            if self._unheard_s >= UNHEARD_S:
+                self.converged = True
+                log.info("echo canceller: the microphone does not hear the speaker")
+            return
+        self.speaker_s += len(near) / self.sample_rate
+        energy_in = float(np.sum(near.astype(np.float64) ** 2))
+        energy_out = float(np.sum(out.astype(np.float64) ** 2))
+        self._blocks.append((len(near), energy_in, energy_out))
+        self._samples += len(near)
+        while self._samples - self._blocks[0][0] >= self._window:
+            self._samples -= self._blocks.popleft()[0]
+        if self._samples < self._window:
+            return
+        total_in = sum(b[1] for b in self._blocks)
+        total_out = sum(b[2] for b in self._blocks)
+        self.erle_db = 10 * np.log10(total_in / max(total_out, 1.0))
+        if self.erle_db >= CONVERGED_DB:
+            self.converged = True
+            self.converged_after_s = self.speaker_s
+            self.delay_ms = self._estimate_delay_ms()
+            log.info(
+                "echo canceller converged after %.1f s of speaker audio: %.0f dB of echo "
+                "removed, echo %.0f ms behind the played audio",
+                self.speaker_s,
+                self.erle_db,
+                self.delay_ms,
+            )
+            self._near.clear()
+            self._far.clear()
+
+    def _keep(self, near: npt.NDArray[np.int16], far: npt.NDArray[np.int16]) -> None:
+        """The last two windows of mic and reference, for the delay estimate."""
+        self._near.append(near)
+        self._far.append(far)
+        self._kept += len(near)
+        while self._kept - len(self._near[0]) >= 2 * self._window:
+            self._kept -= len(self._near.popleft())
+            self._far.popleft()
+
+    def _estimate_delay_ms(self) -> float:
+        """The lag of the mic behind the reference that correlates best (GCC-PHAT)."""
+        near = np.concatenate(self._near).astype(np.float64)
+        far = np.concatenate(self._far).astype(np.float64)
+        size = 1 << (2 * len(near) - 1).bit_length()
+        cross = np.fft.rfft(near, size) * np.conj(np.fft.rfft(far, size))
+        correlation = np.fft.irfft(cross / np.maximum(np.abs(cross), 1e-12), size)
+        max_lag = min(len(near) - 1, self.sample_rate // 2)  # AEC3 looks this far, too
+        lag = int(np.argmax(correlation[: max_lag + 1]))
+        return lag * 1000 / self.sample_rate
+
+
+def processing_stages(
+    config: ProcessingConfig, sample_rate: int, output: object
+) -> list[AudioProcessing]:
+    """The conditioning stages `audio.processing` asks for (none when all is off).
+
+    With echo cancellation, `output` (which must report what it played: config checks
+    that) is told to feed the canceller's reference.
+    """
+    if not (config.echo_cancellation or config.noise_suppression or config.auto_gain):
+        return []
+    reference = None
+    if config.echo_cancellation:
+        if not isinstance(output, ReportsPlayed):
+            raise ValueError(
+                "audio.processing.echo_cancellation: the output cannot report what it played"
+            )
+        reference = PlayedReference(sample_rate)
+        output.report_played(reference)
+    return [AudioProcessing(config, sample_rate, reference)]
+
+
+def _rms(samples: npt.NDArray[np.int16]) -> float:
+    if len(samples) == 0:
+        return 0.0
+    return float(np.sqrt(np.mean(samples.astype(np.float64) ** 2))) / _FULL_SCALE
