@@ -36,9 +36,12 @@ log = logging.getLogger(__name__)
 
 NS_LEVELS = {"low": 0, "moderate": 1, "high": 2, "very_high": 3}
 """`audio.processing.noise_suppression` -> WebRTC's level (6, 12, 18, 21 dB)."""
-CONVERGED_DB = 20.0
-"""Echo removed (ERLE) over `CONVERGED_WINDOW_S` of speaker audio that counts as converged."""
-CONVERGED_WINDOW_S = 1.0
+CONVERGED_DB = 30.0
+"""Echo removed (ERLE) over `CONVERGED_WINDOW_S` of speaker audio that counts as converged.
+
+Strict on purpose: AEC3 starts by suppressing hard (60 dB in the first half second),
+then lets echo through (10-20 dB) while it finds the delay, for a second or two."""
+CONVERGED_WINDOW_S = 2.0
 FAR_ACTIVE_RMS = 0.003
 """A block of the reference louder than this (RMS, 0..1, about -50 dBFS) is speaker audio."""
 ECHO_AUDIBLE_RMS = 0.001
@@ -56,6 +59,10 @@ reference later than its echo cannot be cancelled)."""
 LATE_TOLERANCE_S = 0.12
 """A frame stamped this much later than counted re-anchors it too (lost frames, a
 reopened device); less is scheduling jitter and is ignored."""
+ONSET_GUARD_S = 0.6
+"""After the speaker starts a new stream (an answer after a pause) its latency is not
+the last one's, and AEC3 lets some echo through while it finds the new delay: the
+microphone stays gated this long into each answer (measured: bursts up to 0.2 s)."""
 _FULL_SCALE = 32768.0
 
 
@@ -88,6 +95,7 @@ class AudioProcessing:
         self._pending = np.zeros(0, dtype=np.int16)
         self._pending_far = np.zeros(0, dtype=np.int16)
         self._cursor: int | None = None  # reference sample index of the next mic sample
+        self._settling = False  # the last frame is within ONSET_GUARD_S of a new stream
         self.convergence = Convergence(sample_rate) if self._reference is not None else None
         """ERLE bookkeeping and the one-time converged log (echo cancellation only)."""
 
@@ -95,7 +103,9 @@ class AudioProcessing:
     def echo_free(self) -> bool:
         """False while the canceller has not converged: the assistant's voice would
         still come through, so capture stays half duplex until then."""
-        return self.convergence is None or self.convergence.converged
+        if self.convergence is None:
+            return True
+        return self.convergence.converged and not self._settling
 
     def process(self, frame: AudioFrame) -> AudioFrame | None:
         """The frame with echo removed (and noise, gain as configured); None while a
@@ -123,6 +133,8 @@ class AudioProcessing:
         ):
             cursor = stamped
         self._cursor = cursor + count
+        since_start = frame.captured_at - self._reference.stream_start
+        self._settling = since_start < ONSET_GUARD_S
         return self._reference.read(cursor, count)
 
     def _regroup(

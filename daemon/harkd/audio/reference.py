@@ -70,6 +70,13 @@ class PlayedReference:
         self._end = 0
         self._cursor: int | None = None  # where the current stream's next sample goes
         self._resampler: StreamResampler | None = None
+        self._stream_start = -float("inf")
+
+    @property
+    def stream_start(self) -> float:
+        """When the latest stream (an answer after a pause) started to play."""
+        with self._lock:
+            return self._stream_start
 
     def played(self, pcm: bytes, rate: int, starts_at: float) -> None:
         """Record a write the device accepted (called by the playback thread)."""
@@ -84,6 +91,7 @@ class PlayedReference:
             if not joined:
                 self._resampler = StreamResampler(rate, self.rate)
                 self._cursor = start
+                self._stream_start = starts_at
             assert self._resampler is not None and self._cursor is not None
             samples = np.frombuffer(self._resampler.process(pcm), dtype="<i2")
             self._put(self._cursor, samples)
