@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import numpy.typing as npt
 
 from e2e import fake_client, until
 from harkd.audio.alsa import AlsaInput, AlsaOutput
@@ -22,7 +26,7 @@ from harkd.config import ProcessingConfig, VadConfig
 from harkd.events import VadMode
 from harkd.messages import MessageFinalized, RealtimeMessage, RealtimeMode
 from harkd.testing import FakeRealtimeServer
-from pulse_fixture import SINK, PulseServer
+from pulse_fixture import SINK, PulseServer, Recording
 from speech_fixtures import speech_pcm
 
 KEY = "sk-test-echo-0123456789"
@@ -129,3 +133,57 @@ class EchoRoom:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
+
+
+def record_speaker(pulse: PulseServer, rate: int = 24000) -> Recording:
+    """Record what the daemon's speaker alone puts into the room (its sink input, the
+    one playback stream there), without the user's voice."""
+    listing = subprocess.run(
+        ["pactl", f"--server={pulse.server}", "list", "short", "sink-inputs"],
+        capture_output=True,
+        check=True,
+        timeout=10,
+    ).stdout.decode()
+    [index] = [line.split()[0] for line in listing.splitlines() if line.strip()]
+    process = subprocess.Popen(
+        [
+            "pacat",
+            "--record",
+            f"--server={pulse.server}",
+            f"--monitor-stream={index}",
+            "--raw",
+            "--format=s16le",
+            f"--rate={rate}",
+            "--channels=1",
+            "--latency-msec=5",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    recording = Recording(rate, process)
+    recording._thread = threading.Thread(target=recording._pump, daemon=True)  # noqa: SLF001
+    recording._thread.start()  # noqa: SLF001
+    return recording
+
+
+def heard_ms(
+    recording: npt.NDArray[np.int16], played: bytes, rate: int = 24000
+) -> tuple[float, float]:
+    """How much of `played` (24 kHz) a recording of the speaker alone holds: from its
+    first to its last loud 20 ms block. Returns (heard, slack): the answer is quiet for
+    `slack` ms after that point, so a cut anywhere in there sounds the same."""
+    block = rate // 50
+
+    def loud(signal: npt.NDArray[np.float64]) -> npt.NDArray[np.bool_]:
+        count = len(signal) // block
+        rms = np.sqrt((signal[: count * block].reshape(count, block) ** 2).mean(axis=1))
+        return np.asarray(rms >= 300)
+
+    room = loud(recording.astype(np.float64))
+    answer = loud(np.frombuffer(played, dtype="<i2").astype(np.float64))
+    [heard_blocks] = np.nonzero(room)
+    first, last = int(heard_blocks[0]), int(heard_blocks[-1]) + 1
+    start = int(np.argmax(answer))  # the answer's own leading quiet
+    heard = start + last - first
+    quiet = int(np.argmax(answer[heard:])) if answer[heard:].any() else len(answer) - heard
+    return heard * 1000 / (rate / block), quiet * 1000 / (rate / block)

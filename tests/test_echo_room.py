@@ -8,12 +8,13 @@ where the user stopped hearing it, and is heard and answered.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
 from e2e import Running, assert_all_valid, until
-from echo_room import ANSWER, KEY, EchoRoom, speak
+from echo_room import ANSWER, KEY, EchoRoom, heard_ms, record_speaker, speak
 from harkd.events import VadMode
 from harkd.testing import FakeRealtimeServer, FakeScript
 from pulse_fixture import PulseServer
@@ -22,6 +23,7 @@ from speech_fixtures import silence, speech_pcm, write_wav
 pytestmark = [pytest.mark.pulse, pytest.mark.timeout(120)]
 
 USER = "what time is it in tokyo"
+TOKYO = "It is nine in the evening in Tokyo."
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +33,10 @@ def user_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-async def test_its_own_answer_opens_no_turn_and_does_not_barge_in(pulse: PulseServer) -> None:
-    vad_mode: VadMode = "server"
+@pytest.mark.parametrize("vad_mode", ["server", "manual"])
+async def test_its_own_answer_opens_no_turn_and_does_not_barge_in(
+    pulse: PulseServer, vad_mode: VadMode
+) -> None:
     script = FakeScript(reply=ANSWER, speak=speak)
     async with FakeRealtimeServer(script=script, api_keys={KEY}) as server:
         room = EchoRoom.build(pulse, server, vad_mode)
@@ -47,11 +51,10 @@ async def test_its_own_answer_opens_no_turn_and_does_not_barge_in(pulse: PulseSe
             for answer in (*learning, second):
                 assert answer.text == ANSWER and not answer.interrupted
             # The gate, sampled every 50 ms over the ~7 s answer: shut for the answer's
-            # first moments (ONSET_GUARD_S, again when the speaker's stream restarts),
-            # open for most of it.
+            # first moments (ONSET_GUARD_S), then open to the end.
             samples = room.mic_open_while_speaking
             assert len(samples) > 60
-            assert sum(samples) >= 0.6 * len(samples), samples
+            assert all(samples[len(samples) // 5 :]), samples
             session = server.sessions[0]
             assert [r["status"] for r in session.responses] == ["completed"] * (len(learning) + 1)
             # Only the typed prompts: the mic opened no turn.
@@ -64,13 +67,16 @@ async def test_its_own_answer_opens_no_turn_and_does_not_barge_in(pulse: PulseSe
 async def test_the_users_voice_over_the_answer_barges_in_and_is_answered(
     pulse: PulseServer, user_wav: Path
 ) -> None:
-    script = FakeScript(user_transcripts=[USER], reply=ANSWER, speak=speak)
+    def reply(user_text: str) -> str:
+        return TOKYO if user_text == USER else ANSWER
+
+    script = FakeScript(user_transcripts=[USER], reply=reply, speak=speak)
     async with FakeRealtimeServer(script=script, api_keys={KEY}) as server:
         room = EchoRoom.build(pulse, server)
         async with Running(room.client):
             await until(lambda: room.client.status.value == "connected", what="connected")
             learning = len(await room.converge())
-            recording = pulse.record(24000)
+            recording = record_speaker(pulse)
             room.client.send_text("and next week?")
             outputs = len(room.output.sent)
             await until(lambda: len(room.output.sent) > outputs, what="the second answer")
@@ -82,26 +88,28 @@ async def test_the_users_voice_over_the_answer_barges_in_and_is_answered(
                 lambda: any(m.role == "assistant" and m.interrupted for m in room.finals),
                 what="the barge-in",
             )
+            # The room goes quiet within a period or two; the user's answer comes
+            # only after they finished talking.
+            await asyncio.sleep(0.5)
+            recording.stop()
             await until(
                 lambda: len(room.assistant_answers()) == learning + 2, what="the user's answer"
             )
             speaker.wait(10)
-            recording.stop()
 
             session = server.sessions[0]
             # (The cut answer's response was complete: the server sends faster than
             # real time; what the user heard is cut by the truncate.)
             assert len(session.responses) == learning + 2
             truncates = [e for _, e in server.received if e["type"] == "conversation.item.truncate"]
-            truncate = truncates[0]
-            assert {t["item_id"] for t in truncates} == {item}, truncates
+            [truncate] = [t for t in truncates if t["item_id"] == item]
             # The user's words were committed by the server VAD and answered.
             assert session.auto_commits == 1 and len(session.speech_segments) == 1
             roles = [(m.role, m.text, m.interrupted) for m in room.finals]
-            assert roles[-2:] == [("user", USER, False), ("assistant", ANSWER, False)]
-            # The cut is after the user began and before the answer's end: the
-            # played-position ledger it comes from is checked against the room in
-            # test_alsa_pulse.py.
-            assert heard_before <= truncate["audio_end_ms"] <= heard_before + 1500
-            assert truncate["audio_end_ms"] < len(speak(ANSWER)) / 48 - 500
+            assert roles[-2:] == [("user", USER, False), ("assistant", TOKYO, False)]
+            # The truncate point is what the room heard of the cut answer.
+            heard, slack = heard_ms(recording.samples(), bytes(room.output.sent[item]))
+            end = truncate["audio_end_ms"]
+            assert heard - 40 <= end <= heard + slack + 40, (end, heard, slack)
+            assert heard_before <= end < len(speak(ANSWER)) / 48 - 500
             assert_all_valid(server)

@@ -42,6 +42,8 @@ CONVERGED_DB = 30.0
 Strict on purpose: AEC3 starts by suppressing hard (60 dB in the first half second),
 then lets echo through (10-20 dB) while it finds the delay, for a second or two."""
 CONVERGED_WINDOW_S = 2.0
+CONVERGED_STEADY = 0.98
+"""... and this share of its chunks must each lose `RESIDUAL_GATE_DB` (no leaks)."""
 FAR_ACTIVE_RMS = 0.003
 """A block of the reference louder than this (RMS, 0..1, about -50 dBFS) is speaker audio."""
 ECHO_AUDIBLE_RMS = 0.001
@@ -53,12 +55,32 @@ READ_AHEAD_S = 0.05
 remove echo that comes after its reference, and the stamps are not exact (the sound
 server's buffering, a period's granularity: through PulseAudio the echo arrived about
 20 ms before its stamps say); AEC3 finds the delay that remains."""
-EARLY_TOLERANCE_S = 0.005
-"""A frame stamped this much earlier than counted re-anchors the count (at once: a
-reference later than its echo cannot be cancelled)."""
-LATE_TOLERANCE_S = 0.12
-"""A frame stamped this much later than counted re-anchors it too (lost frames, a
-reopened device); less is scheduling jitter and is ignored."""
+EARLY_TOLERANCE_S = 0.02
+"""A frame stamped this much earlier than counted re-anchors the count (within the
+read-ahead's margin: every jump makes AEC3 look for the delay again, and lets echo
+through meanwhile)."""
+LATE_TOLERANCE_S = 0.01
+"""Frames stamped later than counted, all of the last `LATE_WINDOW` by at least this
+much, move the count on by the least of them: frames were lost on the way (the
+capture queue drops the oldest when the machine is busy) or the device reopened. A
+late stamp alone is scheduling jitter, gone by the next frames."""
+LATE_WINDOW = 10
+RESIDUAL_GATE_DB = 15.0
+"""While the speaker plays, a 10 ms block the canceller made this much quieter than
+the mic heard it is echo that got through: it is silenced, so no VAD takes the
+assistant's voice for the user's. The user's voice over the answer loses far less
+(measured: 3-10 dB), so it passes."""
+CONFIRM_BLOCKS = 8
+"""While the speaker plays, near-end sound passes only after this many 10 ms blocks in
+a row passed the gate above: AEC3 leaks echo now and then, for 10-40 ms at a time
+(seen in the PulseAudio room, at 4-15 dB below the mic), and a leak must not open a
+turn; the user's voice lasts longer. Its first 80 ms are the price."""
+RELEASE_BLOCKS = 30
+"""Once near-end sound passed, the gate stays open until this many blocks in a row are
+echo alone again (the user's voice has quiet moments between syllables)."""
+ECHO_TAIL_S = 0.2
+"""The speaker counts as playing this long after its reference went quiet (the delay
+and the room's reverberation)."""
 ONSET_GUARD_S = 0.6
 """After the speaker starts a new stream (an answer after a pause) its latency is not
 the last one's, and AEC3 lets some echo through while it finds the new delay: the
@@ -95,7 +117,9 @@ class AudioProcessing:
         self._pending = np.zeros(0, dtype=np.int16)
         self._pending_far = np.zeros(0, dtype=np.int16)
         self._cursor: int | None = None  # reference sample index of the next mic sample
+        self._lateness: deque[int] = deque(maxlen=LATE_WINDOW)  # stamped - counted
         self._settling = False  # the last frame is within ONSET_GUARD_S of a new stream
+        self._gate = ResidualGate(sample_rate)
         self.convergence = Convergence(sample_rate) if self._reference is not None else None
         """ERLE bookkeeping and the one-time converged log (echo cancellation only)."""
 
@@ -118,6 +142,7 @@ class AudioProcessing:
         out: npt.NDArray[np.int16] = self._apm.process(near, far)
         if self.convergence is not None and far is not None:
             self.convergence.update(near, far, out)
+            out = self._gate.apply(near, far, out)
         pcm = out.astype("<i2", copy=False).tobytes()
         return AudioFrame(pcm, self.sample_rate, frame.captured_at)
 
@@ -126,12 +151,15 @@ class AudioProcessing:
         assert self._reference is not None
         stamped = round((frame.captured_at + READ_AHEAD_S) * self.sample_rate) - count
         cursor = self._cursor
-        if (
-            cursor is None
-            or stamped < cursor - EARLY_TOLERANCE_S * self.sample_rate
-            or stamped > cursor + LATE_TOLERANCE_S * self.sample_rate
-        ):
+        if cursor is None or stamped < cursor - EARLY_TOLERANCE_S * self.sample_rate:
             cursor = stamped
+            self._lateness.clear()
+        else:
+            self._lateness.append(stamped - cursor)
+            late = min(self._lateness)
+            if len(self._lateness) == LATE_WINDOW and late > LATE_TOLERANCE_S * self.sample_rate:
+                cursor += late
+                self._lateness.clear()
         self._cursor = cursor + count
         since_start = frame.captured_at - self._reference.stream_start
         self._settling = since_start < ONSET_GUARD_S
@@ -205,7 +233,9 @@ class Convergence:
         total_in = sum(b[1] for b in self._blocks)
         total_out = sum(b[2] for b in self._blocks)
         self.erle_db = 10 * np.log10(total_in / max(total_out, 1.0))
-        if self.erle_db >= CONVERGED_DB:
+        limit = 10 ** (RESIDUAL_GATE_DB / 10)
+        steady = sum(b[2] * limit <= b[1] for b in self._blocks) / len(self._blocks)
+        if self.erle_db >= CONVERGED_DB and steady >= CONVERGED_STEADY:
             self.converged = True
             self.converged_after_s = self.speaker_s
             self.delay_ms = self._estimate_delay_ms()
@@ -259,6 +289,51 @@ def processing_stages(
         reference = PlayedReference(sample_rate)
         output.report_played(reference)
     return [AudioProcessing(config, sample_rate, reference)]
+
+
+class ResidualGate:
+    """Silences echo the canceller let through while the speaker plays (see
+    `RESIDUAL_GATE_DB`, `CONFIRM_BLOCKS`); passes everything when it is quiet."""
+
+    def __init__(self, sample_rate: int) -> None:
+        self._block = max(1, sample_rate // 100)
+        self._tail_blocks = round(ECHO_TAIL_S * 100)
+        self._limit = 10 ** (RESIDUAL_GATE_DB / 10)
+        self._since_far = self._tail_blocks  # blocks since the reference was last loud
+        self._run = 0  # blocks in a row that passed (closed) or failed (open) the test
+        self._open = False  # near-end sound (the user) is coming through
+
+    def apply(
+        self,
+        near: npt.NDArray[np.int16],
+        far: npt.NDArray[np.int16],
+        out: npt.NDArray[np.int16],
+    ) -> npt.NDArray[np.int16]:
+        """`out` with what is only leaked echo silenced."""
+        gated = out.copy()
+        for start in range(0, len(out), self._block):
+            part = slice(start, start + self._block)
+            if _rms(far[part]) >= FAR_ACTIVE_RMS:
+                self._since_far = 0
+            else:
+                self._since_far += 1
+            if self._since_far >= self._tail_blocks:
+                self._open, self._run = False, 0
+                continue  # the speaker is quiet: nothing to hold back
+            energy_in = float(np.sum(near[part].astype(np.float64) ** 2))
+            energy_out = float(np.sum(out[part].astype(np.float64) ** 2))
+            echo_only = energy_out * self._limit < energy_in
+            if self._open:
+                self._run = self._run + 1 if echo_only else 0
+                if self._run >= RELEASE_BLOCKS:
+                    self._open, self._run = False, 0
+            else:
+                self._run = 0 if echo_only else self._run + 1
+                if self._run >= CONFIRM_BLOCKS:
+                    self._open, self._run = True, 0
+            if not self._open:
+                gated[part] = 0
+        return gated
 
 
 def _rms(samples: npt.NDArray[np.int16]) -> float:

@@ -34,8 +34,12 @@ from harkd.audio.resample import StreamResampler
 
 HISTORY_S = 4.0
 """How much played audio is kept: far more than any speaker-to-microphone delay."""
-JOIN_TOLERANCE_S = 0.03
-"""A write starting this close to where the previous one ended continues its stream."""
+JOIN_TOLERANCE_S = 0.06
+"""A write starting this close to where the previous one ended continues its stream.
+
+Through PulseAudio the device's reported queue moves in a 20-30 ms sawtooth; a
+tighter tolerance tears the reference mid-answer (and AEC3 lets echo through while it
+finds the delay again)."""
 
 
 class PlayedSink(Protocol):
