@@ -315,13 +315,14 @@ def _first_loud(recording: Recording, after: float) -> float | None:
 
 
 def _silent_from(recording: Recording, after: float) -> float | None:
-    """When the recording went silent for good (100 ms below the floor) after `after`."""
-    rms = _blocks(recording)
-    for index in range(len(rms) - 20):
-        at = recording.arrival_of(index * 120)
-        if at >= after and (rms[index : index + 20] < 100).all():
-            return at
-    return None
+    """When the speaker went silent for good after `after`: the block after its last
+    loud one (the recording runs on after the barge-in; pauses between words do not
+    count)."""
+    loud = np.nonzero(_blocks(recording) > 100)[0]
+    if not len(loud):
+        return None
+    at = recording.arrival_of((int(loud[-1]) + 1) * 120)
+    return at if at >= after else None
 
 
 async def measure(pulse: PulseServer, rounds: int, workdir: Path) -> dict[str, Any]:

@@ -43,7 +43,8 @@ Strict on purpose: AEC3 starts by suppressing hard (60 dB in the first half seco
 then lets echo through (10-20 dB) while it finds the delay, for a second or two."""
 CONVERGED_WINDOW_S = 2.0
 CONVERGED_STEADY = 0.98
-"""... and this share of its chunks must each lose `RESIDUAL_GATE_DB` (no leaks)."""
+"""... and this share of its chunks must each lose `STEADY_DB` (no leaks)."""
+STEADY_DB = 15.0
 FAR_ACTIVE_RMS = 0.003
 """A block of the reference louder than this (RMS, 0..1, about -50 dBFS) is speaker audio."""
 ECHO_AUDIBLE_RMS = 0.001
@@ -233,7 +234,7 @@ class Convergence:
         total_in = sum(b[1] for b in self._blocks)
         total_out = sum(b[2] for b in self._blocks)
         self.erle_db = 10 * np.log10(total_in / max(total_out, 1.0))
-        limit = 10 ** (RESIDUAL_GATE_DB / 10)
+        limit = 10 ** (STEADY_DB / 10)
         steady = sum(b[2] * limit <= b[1] for b in self._blocks) / len(self._blocks)
         if self.erle_db >= CONVERGED_DB and steady >= CONVERGED_STEADY:
             self.converged = True
