@@ -46,6 +46,12 @@ probes the device, so a speaker unplugged between answers is noticed then and no
 on the next answer's first write: a kernel device reports it in `avail`, a sound
 server plugin (`pulse`, `pipewire`) only in `snd_pcm_poll_descriptors_revents`.
 
+For echo cancellation (`report_played`) the playback thread tells a `PlayedSink` each
+write the device accepted, mono and after the volume, with when it will be heard (now
+plus what is queued in front of it), and that written audio was dropped unheard (a
+barge-in's `drop`, a lost device). That is the canceller's far end: what was played,
+not what was queued.
+
 What a position means: ALSA counts frames still queued as `buffer_size - avail`.
 Through the PulseAudio/PipeWire `pulse` PCM that excludes the sound server's own sink
 latency (pyalsaaudio exposes no `snd_pcm_delay`), so played positions run ahead of
