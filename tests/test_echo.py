@@ -299,3 +299,14 @@ def test_echo_cancellation_needs_a_speaker_that_reports_what_it_played() -> None
     with pytest.raises(ValueError, match="cannot report what it played"):
         processing_stages(ProcessingConfig(echo_cancellation=True), RATE, NullOutput())
     assert processing_stages(ProcessingConfig(), RATE, NullOutput()) == []
+
+
+def test_the_alsa_speaker_feeds_the_cancellers_reference() -> None:
+    from harkd.audio.alsa import AlsaOutput
+
+    speaker = AlsaOutput("pulse")
+    [stage] = processing_stages(ProcessingConfig(echo_cancellation=True), RATE, speaker)
+    assert not stage.echo_free  # nothing learned yet: half duplex until it converges
+    assert isinstance(speaker._played_sink, PlayedReference)  # noqa: SLF001
+    [ns_only] = processing_stages(ProcessingConfig(noise_suppression="low"), RATE, NullOutput())
+    assert ns_only.echo_free and ns_only.convergence is None
