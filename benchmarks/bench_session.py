@@ -209,8 +209,20 @@ fs._Connection.send = _stamped_send  # type: ignore[method-assign]
 
 def child_main(config_path: str, stamps_path: str) -> int:
     """`harkd run` with stamps at the ALSA edges; writes them to `stamps_path` on exit."""
-    from harkd.audio import alsa
     from harkd.cli import main
+
+    captured, first_write = stamp_alsa()
+    try:
+        return main(["run", "-c", config_path])
+    finally:
+        Path(stamps_path).write_text(json.dumps({"captured": captured, "first_write": first_write}))
+
+
+def stamp_alsa() -> tuple[list[tuple[float, int]], dict[str, float]]:
+    """Wrap this process's ALSA edges: the lists it returns fill with (captured_at, CRC
+    of the PCM) of every captured period and the time each item's first samples were
+    written to the device."""
+    from harkd.audio import alsa
 
     captured: list[tuple[float, int]] = []
     first_write: dict[str, float] = {}
@@ -241,10 +253,7 @@ def child_main(config_path: str, stamps_path: str) -> int:
     alsa.AlsaInput._put = put  # type: ignore[method-assign]
     alsa.AlsaOutput.play = play  # type: ignore[method-assign]
     alsa.AlsaOutput._write = write  # type: ignore[method-assign]
-    try:
-        return main(["run", "-c", config_path])
-    finally:
-        Path(stamps_path).write_text(json.dumps({"captured": captured, "first_write": first_write}))
+    return captured, first_write
 
 
 # --------------------------------------------------------------------------- latency

@@ -1,6 +1,6 @@
 """`make bench`: every harkd benchmark in one invocation, against one fake realtime server.
 
-Phases (all on loopback, same machine, same run; about 8 minutes on 2 cores):
+Phases (all on loopback, same machine, same run; about 13 minutes on 2 cores):
 
 1. latency   `harkd run` on paced ALSA (PulseAudio null sink), 20 tool-calling turns:
              uplink, downlink and turn overhead (benchmarks/bench_session.py);
@@ -17,7 +17,9 @@ Phases (all on loopback, same machine, same run; about 8 minutes on 2 cores):
              (5 rounds: on a shared machine one round can be 20% off either way);
 5. components bench_vad.py and bench_resample.py (CPU of the audio helpers);
 6. soak      benchmarks/bench_soak.py: 3000 tool-calling turns back to back; RSS
-             growth after the warm-up and the drift of the median turn latency.
+             growth after the warm-up and the drift of the median turn latency;
+7. providers benchmarks/bench_providers.py: every built-in provider with a fake, the
+             same latency and CPU figures side by side (about 5 minutes).
 
 Prints a Markdown table and writes benchmarks/results/latest.json and latest.md.
 Every number in them is measured in this invocation.
@@ -47,6 +49,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import bench_audio  # noqa: E402
 import bench_echo  # noqa: E402
+import bench_providers  # noqa: E402
 import bench_session as bs  # noqa: E402
 import bench_soak  # noqa: E402
 import bench_vad  # noqa: E402
@@ -178,6 +181,8 @@ async def measure(workdir: Path, log: Any) -> dict[str, Any]:
     result["components"]["resample_report"] = resample.stdout
     log(f"soak: {bench_soak.TURNS} tool-calling turns (bench_soak)")
     result["soak"] = await bench_soak.soak()
+    with PulseServer.start_new() as pulse:
+        result["providers"] = await bench_providers.measure(pulse, workdir, log)
     return result
 
 
@@ -422,6 +427,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"Components: local VAD endpointer {vad['cpu_percent_of_core']:.4f} % of a core "
         "(bench_vad.py); resampler report in latest.json (bench_resample.py).",
         "",
+        bench_providers.markdown(r["providers"]),
     ]
     return "\n".join(lines)
 

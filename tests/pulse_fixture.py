@@ -17,6 +17,7 @@ pytest: the session fixture `pulse` in `tests/conftest.py` wraps it.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
@@ -167,6 +168,25 @@ class PulseServer:
             stdout=stdout,
             stderr=subprocess.DEVNULL,
         )
+
+    async def play(self, pcm: bytes, rate: int = 16_000) -> None:
+        """Say `pcm` (PCM16 mono) in the room, as a person would; returns once said."""
+        process = await asyncio.create_subprocess_exec(
+            "pacat",
+            "--playback",
+            f"--server={self.server}",
+            f"--device={SINK}",
+            "--raw",
+            "--format=s16le",
+            f"--rate={rate}",
+            "--channels=1",
+            "--latency-msec=100",  # a person does not stutter: no underruns under load
+            stdin=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        await process.communicate(pcm)
+        if process.returncode != 0:
+            raise RuntimeError(f"pacat --playback failed ({process.returncode})")
 
     def unload_sink(self) -> None:
         """Make the room's sink (and its monitor) disappear, as an unplugged card does."""

@@ -143,6 +143,29 @@ def test_demo_runs_a_full_turn_on_a_fresh_machine(tmp_path: Path) -> None:
     assert "answer audio:" in out
 
 
+def test_the_wake_demo_shows_nothing_leaves_before_the_wake_word(tmp_path: Path) -> None:
+    env = harkd_env(HOME=str(tmp_path), TMPDIR=str(tmp_path))
+    result = run_harkd("demo", "--wake", env=env, cwd=tmp_path, timeout_s=40)
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    lines = [line.split("] ", 1)[-1] for line in out.splitlines()]
+    wake = next(line for line in lines if line.startswith("wake word: okay_nabu"))
+    assert wake.endswith("audio the provider had received before it: 0 ms")
+    privacy = next(line for line in lines if line.startswith("privacy:"))
+    assert privacy.startswith("privacy: 0 ms of audio reached the provider before the wake word")
+    # What was said after it was heard and answered.
+    assert lines.index(wake) < lines.index("you: What time is it?")
+    assert any(line.startswith("assistant: It is ") for line in lines)
+
+
+def test_demo_names_the_known_providers_for_an_unknown_one(tmp_path: Path) -> None:
+    result = run_harkd(
+        "demo", "--provider", "nope", env=harkd_env(HOME=str(tmp_path)), cwd=tmp_path
+    )
+    assert result.returncode == 2
+    assert "unknown provider 'nope' (known: " in result.stderr and "openai" in result.stderr
+
+
 def test_plugins_lists_the_builtin_plugins_with_schemas(tmp_path: Path) -> None:
     data = _config(plugins={"clock": {}, "timers": {}, "mqtt": {"allow": ["zigbee2mqtt/+/set"]}})
     data["mqtt"] = {"enabled": True}

@@ -14,7 +14,7 @@ from harkd import events as ev
 from harkd.adapters.base import AuthenticationFailed, ConnectionFailed, ConnectionLost
 from harkd.adapters.openai import TRAITS
 from harkd.backoff import Backoff
-from harkd.connection import ConnectionSupervisor
+from harkd.connection import GOING_AWAY_MARGIN_S, GOING_AWAY_POLL_S, ConnectionSupervisor
 from harkd.messages import RealtimeError, RealtimeStatus, RealtimeToken
 
 
@@ -226,6 +226,35 @@ async def test_going_away_moves_to_a_connection_resumed_from_the_latest_handle()
     await stop(task)
 
 
+async def test_going_away_mid_answer_moves_when_the_answer_is_over() -> None:
+    owner, adapter = Owner(), MemoryAdapter(resume="handle")
+    owner.idle_between_turns = False  # an answer is playing
+    sup = supervisor(owner, adapter)
+    task = await running(sup)
+    await until(lambda: sup.status is RealtimeStatus.CONNECTED)
+    sup._on_event(ev.ResumeHandle("h1"))
+    sup._on_event(ev.GoingAway(time_left_ms=60_000))
+    for _ in range(3):  # several of the watcher's looks
+        await asyncio.sleep(GOING_AWAY_POLL_S * 2)
+    assert len(adapter.connections) == 1
+    owner.idle_between_turns = True
+    await until(lambda: len(adapter.connections) == 2, what="moved after the answer")
+    assert adapter.handles == [None, "h1"]
+    await stop(task)
+
+
+async def test_going_away_mid_answer_moves_before_the_connection_ends() -> None:
+    owner, adapter = Owner(), MemoryAdapter(resume="handle")
+    owner.idle_between_turns = False  # an answer that never ends
+    sup = supervisor(owner, adapter)
+    task = await running(sup)
+    await until(lambda: sup.status is RealtimeStatus.CONNECTED)
+    sup._on_event(ev.GoingAway(time_left_ms=int((GOING_AWAY_MARGIN_S + 0.3) * 1000)))
+    await until(lambda: len(adapter.connections) == 2, what="moved before the end")
+    assert adapter.connections[0].closed
+    await stop(task)
+
+
 async def test_a_refused_handle_is_dropped_and_the_next_attempt_starts_fresh() -> None:
     owner, adapter = Owner(), MemoryAdapter(resume="handle")
     sup = supervisor(owner, adapter)
@@ -250,3 +279,46 @@ async def test_a_provider_without_handles_is_never_given_one() -> None:
     await until(lambda: len(adapter.connections) == 2, what="reconnected")
     assert adapter.handles == [None, None]
     await stop(task)
+
+
+async def test_tools_that_change_while_the_session_opens_reach_it() -> None:
+    """An MCP server answering while the session is being set up: its tools must not
+    wait for the next change to reach the model."""
+    from e2e import fake_client
+    from harkd.adapters.openai import openai_realtime
+    from harkd.testing import FakeRealtimeServer
+    from harkd.tools import Tool
+
+    async def noop(args: Any, call: Any) -> str:
+        return "ok"
+
+    lamp = Tool("turn_on", "Turn a light on", {"type": "object", "properties": {}}, noop)
+    async with FakeRealtimeServer() as server:
+        inner = openai_realtime(url=server.url)
+        release = asyncio.Event()
+
+        class SlowSetup:
+            name, traits = inner.name, inner.traits
+
+            async def connect(self, token: Any, settings: Any, resume_handle: Any = None) -> Any:
+                conn = await inner.connect(token, settings, resume_handle)
+                await release.wait()
+                return conn
+
+        client = fake_client(server, "k", adapter=SlowSetup())
+        task = asyncio.create_task(client.run())
+        try:
+            await until(lambda: len(server.sessions) == 1, what="the session being set up")
+            client.update_settings(tools=[lamp])  # nothing to send it on yet
+            release.set()
+            await until(
+                lambda: any(
+                    [t["name"] for t in e["session"].get("tools", [])] == ["turn_on"]
+                    for _, e in server.received
+                    if e["type"] == "session.update"
+                ),
+                what="the new tool in a session.update",
+            )
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)

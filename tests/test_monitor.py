@@ -25,6 +25,23 @@ def feed(
     return apply(devices, "harkd", topic, data, now)
 
 
+def test_wake_words_and_claims_show_who_answered() -> None:
+    devices: dict[str, DeviceView] = {}
+    for device, level in (("kitchen", 0.02), ("hall", 0.11)):
+        claim = {"device": device, "word": "okay_nabu", "score": 0.93, "level": level, "ts": 5}
+        assert feed(devices, "harkd/_wake/claim", claim) == (
+            f"{device} claims okay_nabu level {level:.3f} score 0.93"
+        )
+    wake = {"word": "okay_nabu", "score": 0.93, "level": 0.11, "ts": 5, "answered": True}
+    line = feed(devices, "harkd/hall/wake", wake)
+    assert line == "hall wake: okay_nabu score 0.93 level 0.110 (answered)"
+    feed(devices, "harkd/kitchen/wake", {**wake, "level": 0.02, "answered": False})
+    assert feed(devices, "harkd/_wake/claim", b"garbage") is None
+    screen = render(devices, now=0.0)
+    assert "claim     okay_nabu level 0.110 score 0.93" in screen
+    assert "wake      okay_nabu score 0.93 level 0.020 (not answered)" in screen
+
+
 def test_apply_folds_the_contract_topics_into_a_view() -> None:
     devices: dict[str, DeviceView] = {}
     assert feed(devices, "harkd/kitchen/status", "connected") == "kitchen status: connected"

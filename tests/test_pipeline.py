@@ -80,11 +80,10 @@ def test_server_mode_streams_the_gated_frame_at_the_provider_rate() -> None:
     shut = [False]
     pipeline = capture_pipeline(16_000, 24_000, is_shut=lambda: shut[0])
     sent = b"".join(out for _ in range(50) for out in pipeline.push(tone(16_000, 20)))
-    assert (
-        abs(len(sent) - 24_000 * 2) <= 2 * 240
-    )  # the streaming filter holds back a few ms  # one second at 24 kHz
+    # One second at 24 kHz; the streaming filter holds back a few ms.
+    assert abs(len(sent) - 24_000 * 2) <= 2 * 240
     shut[0] = True
-    assert pipeline.push(tone(16_000, 20)) == ()
+    assert pipeline.push(tone(16_000, 20)) == []
 
 
 def test_manual_mode_opens_a_turn_on_speech() -> None:
@@ -98,7 +97,7 @@ def test_manual_mode_opens_a_turn_on_speech() -> None:
 
 
 class ThreadRecorder:
-    """A heavy analysis stage that notes which thread it ran on."""
+    """A heavy conditioning stage that notes which thread it ran on."""
 
     heavy = True
 
@@ -138,7 +137,7 @@ async def test_heavy_stages_run_off_the_event_loop() -> None:
         lambda: None,
         provider_rate=24_000,
         vad=VadConfig(),
-        analysis=(heavy,),
+        conditioning=(heavy,),
     )
     await capture.run(Frames(5))
     assert heavy.threads and threading.get_ident() not in heavy.threads

@@ -26,8 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `harkd` console script."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["fake-server"]:
-        # The fake server owns its options (--port, --api-key, --max-session-s, ...).
-        from harkd.testing.fake_server import main as fake_main
+        # The fake servers own their options (--provider, --port, --api-key, ...).
+        from harkd.testing.fakes import main as fake_main
 
         return fake_main(argv[1:])
     parser = _parser()
@@ -76,10 +76,15 @@ def _parser() -> argparse.ArgumentParser:
     monitor.add_argument("--device", help="one device id (default: every device on the broker)")
     history = with_config(command("history", _history, "print the last conversations"))
     history.add_argument("-n", type=int, default=3, help="how many conversations (default 3)")
-    command("fake-server", _fake_server, "run the local OpenAI-protocol fake server")
+    fake = command("fake-server", _fake_server, "run a provider's local fake server")
+    fake.add_argument("--provider", default="openai", help="whose protocol (default: openai)")
     demo = command("demo", _demo, "the main job on embedded defaults, no key or hardware needed")
     demo.add_argument("--speaker", help="ALSA PCM or file:PATH.wav for the answer audio")
     demo.add_argument("--state-dir", help="where the demo keeps its journal (default: a temp dir)")
+    demo.add_argument("--provider", default="openai", help="whose fake server (default: openai)")
+    demo.add_argument(
+        "--wake", action="store_true", help="wait for the wake word first (okay nabu)"
+    )
     return parser
 
 
@@ -164,7 +169,20 @@ def _demo(args: argparse.Namespace) -> int:
     from harkd.demo import run_demo
 
     configure_logging("warning")
-    return asyncio.run(run_demo(speaker=args.speaker, state_dir=args.state_dir))
+    from harkd.adapters.registry import ProviderUnavailable
+
+    try:
+        return asyncio.run(
+            run_demo(
+                speaker=args.speaker,
+                state_dir=args.state_dir,
+                provider=args.provider,
+                wake=args.wake,
+            )
+        )
+    except ProviderUnavailable as exc:
+        print(f"harkd demo: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

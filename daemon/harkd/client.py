@@ -13,17 +13,22 @@ library users who have no supervisor.
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 from harkd import events as ev
 from harkd.adapters.base import RealtimeAdapter
+from harkd.arbitration import Arbiter
 from harkd.audio import stop_devices
 from harkd.audio.base import AudioInput, AudioOutput, MeterReading
 from harkd.audio.meter import visualization
-from harkd.audio.pipeline import Stage
+from harkd.audio.pipeline import Stage, WakeStage
+from harkd.audio.wakeword import WakeDetection
 from harkd.backoff import Backoff
 from harkd.capture import Capture
-from harkd.config import VadConfig
+from harkd.config import VadConfig, WakeConfig
 from harkd.connection import ConnectionSupervisor
 from harkd.conversation import Conversation
 from harkd.events import VadMode
@@ -34,12 +39,29 @@ from harkd.messages import (
     RealtimeMode,
     RealtimeState,
     RealtimeStatus,
+    WakeHeard,
 )
 from harkd.notify import EventCallback, Problems, StateCallback, Subscribers
 from harkd.tokens import TokenSource
 from harkd.tools import Tool
+from harkd.wake import load_sound
 
 __all__ = ["RealtimeClient"]
+
+log = logging.getLogger(__name__)
+
+CHIME_ITEM = "harkd-wake-chime"
+"""The speaker's name for the chime: no answer of the conversation."""
+
+SPEAKER_LATENCY_MS = 200
+"""How late the microphone may hear the chime after it was queued (the speaker's
+buffer and the room): the chime must not open a turn by itself."""
+
+IDLE_CHECK_S = 1.0
+"""How often an on-demand session checks whether it has been idle long enough."""
+
+MAX_PENDING = 20
+"""Typed messages and announcements kept while a session opens."""
 
 
 class RealtimeClient:
@@ -68,10 +90,18 @@ class RealtimeClient:
         rollover_s: float = 3300.0,
         replay_messages: int = 12,
         volume: int = 100,
+        wake: WakeConfig | None = None,
+        wake_detector: WakeStage | None = None,
+        connect: Literal["always", "on_demand"] = "always",
+        idle_disconnect_s: float = 60.0,
         conditioning: Sequence[Stage] = (),
     ) -> None:
-        """`conditioning`: capture stages that clean the microphone's audio before
-        anything else sees it (`harkd.audio.echo.processing_stages`)."""
+        """`wake` (enabled): audio leaves only after a wake word, heard by
+        `wake_detector` (built from `wake` when not given). `connect="on_demand"`:
+        no session while idle; one opens when needed and closes after
+        `idle_disconnect_s` of nothing. `conditioning`: capture stages that clean the
+        microphone's audio before anything else hears it
+        (`harkd.audio.echo.processing_stages`)."""
         self._input = audio_input
         self._output = audio_output
         self._volume = volume
@@ -97,6 +127,9 @@ class RealtimeClient:
             changed=self._changed,
             speaker_quiet=lambda: self._capture.speaker_quiet(),
             replay_messages=replay_messages,
+            answer_heard=self._answer_heard,
+            heard=lambda event: self._capture.server_event(event),
+            opened=self._session_opened,
         )
         self._session = session = self._conversation.session
         self._apply = self._conversation.apply
@@ -116,10 +149,36 @@ class RealtimeClient:
             barge_in=barge_in,
             echo_tail_ms=echo_tail_ms,
             vad=(vad or VadConfig()) if vad_mode == "manual" else None,
+            wake=self._wake_detector(wake, wake_detector),
             conditioning=conditioning,
         )
+        self._wake = wake if self._capture.ear is not None else None
+        self._capture.on_wake = self._wake_heard
+        self._capture.on_dropped = self._wake_dropped
+        self._chime = b""
+        self._chime_ms = 0.0
+        if self._wake is not None and audio_output is not None:
+            self._chime = load_sound(self._wake.sound, audio_output.source_rate)
+            self._chime_ms = len(self._chime) / (audio_output.source_rate * 2 / 1000)
+        self._last_wake: WakeHeard | None = None
+        self.arbiter: Arbiter | None = None
+        """With several devices in a home (`wake.arbitration`): who answers a wake word."""
+        self._on_demand = connect == "on_demand"
+        self._idle_disconnect_s = idle_disconnect_s
+        self._last_activity = time.monotonic()
+        self._pending: list[Callable[[], None]] = []
         self._run_task: asyncio.Task[None] | None = None
         self._owns_run_task = False
+
+    @staticmethod
+    def _wake_detector(wake: WakeConfig | None, detector: WakeStage | None) -> WakeStage | None:
+        if wake is None or not wake.enabled:
+            return None
+        if detector is not None:
+            return detector
+        from harkd.audio.wakeword import WakeDetector
+
+        return WakeDetector(wake)
 
     # --- state (the reference's properties) -----------------------------------------
 
@@ -130,8 +189,13 @@ class RealtimeClient:
 
     @property
     def mode(self) -> RealtimeMode:
-        """idle / listening / thinking / speaking."""
-        return self._session.mode
+        """idle / listening / thinking / speaking (idle, not listening, while a wake
+        word is awaited)."""
+        mode = self._session.mode
+        ear = self._capture.ear
+        if mode is RealtimeMode.LISTENING and ear is not None and not ear.listening:
+            return RealtimeMode.IDLE
+        return mode
 
     @property
     def messages(self) -> tuple[RealtimeMessage, ...]:
@@ -221,8 +285,11 @@ class RealtimeClient:
             self._run_task.cancel()
 
     def start_listening(self) -> None:
-        """Open a turn now (push-to-talk in manual mode; interrupts the assistant)."""
-        if not self._capture.open_turn():
+        """Open a turn now (push-to-talk in manual mode; interrupts the assistant).
+        With a wake word it acts as one (word `command`)."""
+        if self._wake is not None:
+            self._answer_wake(WakeHeard("command", 1.0, 0.0, time.time(), answered=True))
+        elif not self._capture.open_turn():
             self._apply(self._session.start_listening())
 
     def stop_listening(self) -> None:
@@ -235,16 +302,16 @@ class RealtimeClient:
         self._apply(self._session.interrupt())
 
     def send_text(self, text: str) -> None:
-        """Send a typed message; the assistant answers it."""
-        self._apply(self._session.send_text(text))
+        """Send a typed message; the assistant answers it (once a session is open)."""
+        self._when_open(lambda: self._apply(self._session.send_text(text)))
 
     def send_image(self, data: str, mime_type: str) -> None:
         """Send an image (base64 data or a URL); the assistant answers it."""
-        self._apply(self._session.send_image(data, mime_type))
+        self._when_open(lambda: self._apply(self._session.send_image(data, mime_type)))
 
     def say(self, text: str) -> None:
         """Make the assistant tell the user something (used by plugins)."""
-        self._apply(self._session.say(text))
+        self._when_open(lambda: self._apply(self._session.say(text)))
 
     def set_mic_mute(self, muted: bool) -> None:
         """Mute: no microphone audio leaves the device (an open turn is closed)."""
@@ -277,10 +344,12 @@ class RealtimeClient:
         if self._run_task not in (None, asyncio.current_task()):
             raise RuntimeError("this RealtimeClient is already running")
         self._run_task = asyncio.current_task()
-        if autoconnect:
+        if autoconnect and not self._on_demand:
             self._connection.want(True)
         try:
             async with asyncio.TaskGroup() as tasks:
+                if self._on_demand:
+                    tasks.create_task(self._close_when_idle(), name="idle-disconnect")
                 self._conversation.tasks = tasks
                 if self._output is not None:
                     self._output.set_volume(self._volume)
@@ -299,3 +368,132 @@ class RealtimeClient:
 
     def _changed(self) -> None:
         self._subscribers.changed(self.state)
+
+    # --- wake word and on-demand sessions ---------------------------------------------
+
+    def _wake_heard(self, detection: WakeDetection) -> None:
+        """The detector heard a wake word (see `Capture.on_wake`)."""
+        ts = time.time() - (time.monotonic() - detection.captured_at)
+        heard = WakeHeard(detection.word, detection.score, detection.level, ts, answered=True)
+        if self._capture.muted:
+            return  # muted means deaf: not even the wake word counts
+        wake = self._wake
+        if wake is None:
+            return
+        busy = self._session.mode in (RealtimeMode.SPEAKING, RealtimeMode.THINKING)
+        if busy and not wake.interrupt:
+            log.info("wake word %s while the assistant talks: ignored (wake.interrupt)", heard.word)
+            self._emit_wake(heard, answered=False)
+            return
+        tasks = self._conversation.tasks
+        if self.arbiter is None or not wake.arbitration or tasks is None:
+            self._answer_wake(heard)
+            return
+        # Listen now, but keep what is said back until the home decided who answers.
+        self._capture.holding = True
+        self._capture.listen(wake.timeout_s)
+        tasks.create_task(self._arbitrate(self.arbiter, heard), name="wake-arbitration")
+
+    async def _arbitrate(self, arbiter: Arbiter, heard: WakeHeard) -> None:
+        try:
+            answers = await arbiter.claim(heard.word, heard.score, heard.level, heard.ts)
+        except Exception:  # an arbiter's bug must not cost the user the answer
+            log.exception("wake word arbitration failed; answering")
+            answers = True
+        if not answers or self._capture.muted:
+            self._capture.forget_held()
+            self._emit_wake(heard, answered=False)
+            self._changed()
+            return
+        self._capture.holding = False
+        self._answer_wake(heard, listening=True)
+
+    def _answer_wake(self, heard: WakeHeard, *, listening: bool = False) -> None:
+        """This device answers: stop the assistant, listen (unless `listening`
+        already), chime, open a session."""
+        if self._wake is None:
+            return
+        if self._session.mode in (RealtimeMode.SPEAKING, RealtimeMode.THINKING):
+            self.interrupt()
+        if listening:
+            self._capture.waive_echo_tail()
+        else:
+            self._capture.listen(self._wake.timeout_s)
+        if self._chime and self._output is not None:
+            self._output.play(CHIME_ITEM, self._chime)
+            self._capture.sound_playing(self._chime_ms, SPEAKER_LATENCY_MS)
+        self._emit_wake(heard, answered=True)
+        self._need_session()
+        self._changed()
+
+    def _emit_wake(self, heard: WakeHeard, *, answered: bool) -> None:
+        event = WakeHeard(heard.word, heard.score, heard.level, heard.ts, answered)
+        self._last_wake = event if answered else None
+        log.info(
+            "wake word %s (score %.2f, level %.3f)%s",
+            heard.word,
+            heard.score,
+            heard.level,
+            "" if answered else ": not answered",
+        )
+        self._subscribers.emit(event)
+
+    def _wake_dropped(self) -> None:
+        """Woken, but nobody spoke in time: that wake word went unanswered."""
+        if self._last_wake is not None:
+            self._emit_wake(self._last_wake, answered=False)
+        self._changed()
+
+    def _answer_heard(self) -> None:
+        """An answer played to its end: a follow-up needs no wake word for a while."""
+        wake = self._wake
+        ear = self._capture.ear
+        if wake is None or ear is None or not wake.follow_up_s or ear.listening:
+            return
+        if self._capture.muted:
+            return
+        self._last_wake = None  # a silent follow-up window is no dropped wake word
+        self._capture.listen(wake.follow_up_s)
+        self._changed()
+
+    def _need_session(self) -> None:
+        self._last_activity = time.monotonic()
+        if self._on_demand:
+            self._connection.want(True)
+
+    def _when_open(self, action: Callable[[], None]) -> None:
+        """Do `action` now if a session is open, else as soon as one is."""
+        self._need_session()
+        if self._connection.conn is not None:
+            action()
+            return
+        if not self._connection.wanted:
+            return  # disconnected on purpose: like the reference, nothing to send it on
+        if len(self._pending) >= MAX_PENDING:
+            log.warning("no session yet: the oldest waiting message is dropped")
+            del self._pending[0]
+        self._pending.append(action)
+
+    def _session_opened(self) -> None:
+        pending, self._pending = self._pending, []
+        for action in pending:
+            action()
+
+    def _busy(self) -> bool:
+        ear = self._capture.ear
+        return (
+            (ear is not None and ear.listening)
+            or self._session.mode in (RealtimeMode.SPEAKING, RealtimeMode.THINKING)
+            or bool(self._pending)
+        )
+
+    async def _close_when_idle(self) -> None:
+        """connect: on_demand: close the session after `idle_disconnect_s` of nothing."""
+        while True:
+            await asyncio.sleep(IDLE_CHECK_S)
+            now = time.monotonic()
+            if self._busy():
+                self._last_activity = now
+            elif self._connection.wanted and now - self._last_activity >= self._idle_disconnect_s:
+                log.info("idle for %.0f s: the session is closed", self._idle_disconnect_s)
+                self._connection.want(False)

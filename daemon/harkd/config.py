@@ -12,6 +12,7 @@ an administrator's `harkd check-config` reads the same secrets the service will.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -81,6 +82,8 @@ class RealtimeConfig(_Section):
     api_key: SecretStr | None = None
     api_key_file: Path | None = None
     voice: str | None = None
+    agent_id: str | None = None
+    """ElevenLabs: the agent to talk to (other providers take none)."""
     instructions: str = "You are a helpful voice assistant in a home."
     turn_detection: Literal["server_vad", "semantic_vad", "manual"] = "server_vad"
     transcription_model: str | None = "gpt-4o-mini-transcribe"
@@ -94,6 +97,10 @@ class RealtimeConfig(_Section):
     # Beyond DESIGN.md: connect with short-lived client secrets minted from the key
     # (true: at the REST API of `url`'s host; or the http(s):// base URL to mint at).
     ephemeral_tokens: bool | Annotated[str, Field(pattern=r"^https?://")] = False
+    connect: Literal["always", "on_demand"] = "always"
+    """on_demand: no session while idle; a wake word, cmd/listen, cmd/text or a
+    plugin's say opens one, and `idle_disconnect_s` of nothing closes it."""
+    idle_disconnect_s: Annotated[float, Field(gt=0, le=86400)] = 60.0
 
     @model_validator(mode="before")
     @classmethod
@@ -176,6 +183,56 @@ class VadConfig(_Section):
     min_level: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
 
 
+BUILTIN_WAKE_WORDS = ("okay_nabu", "hey_jarvis", "alexa", "hey_mycroft")
+"""The microWakeWord models that ship inside pymicro-wakeword."""
+
+
+class WakeWordConfig(_Section):
+    """One wake word: a built-in model's name or a model `.json` path, with its own
+    threshold and refractory time (null: the `wake:` section's)."""
+
+    model: str
+    threshold: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
+    refractory_s: Annotated[float, Field(ge=0.0, le=60.0)] | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, model: str) -> str:
+        if model in BUILTIN_WAKE_WORDS or model.endswith(".json"):
+            return model
+        raise ValueError(
+            f"unknown wake word {model!r} (built in: {', '.join(BUILTIN_WAKE_WORDS)}; "
+            "or the path of a microWakeWord model .json)"
+        )
+
+
+class WakeConfig(_Section):
+    """On-device wake word: audio leaves the device only after one (or cmd/listen)."""
+
+    enabled: bool = False
+    words: Annotated[list[WakeWordConfig], Field(min_length=1)] = [
+        WakeWordConfig(model="okay_nabu")
+    ]
+    threshold: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
+    refractory_s: Annotated[float, Field(ge=0.0, le=60.0)] = 2.0
+    timeout_s: Annotated[float, Field(gt=0.0, le=60.0)] = 5.0
+    follow_up_s: Annotated[float, Field(ge=0.0, le=60.0)] = 0.0
+    interrupt: bool = True
+    sound: Annotated[str, Field(pattern=r"^(chime|file:.+)$")] | None = "chime"
+    arbitration: bool = True
+    level_offset_db: Annotated[float, Field(ge=-40.0, le=40.0)] = 0.0
+    """Beyond DESIGN.md: evens out microphones of different sensitivity, so that
+    arbitration compares nearness, not hardware (added to the measured level)."""
+
+    @field_validator("words", mode="before")
+    @classmethod
+    def _word_names(cls, value: Any) -> Any:
+        # `words: [okay_nabu]` is the short form of `words: [{model: okay_nabu}]`.
+        if isinstance(value, list):
+            return [{"model": v} if isinstance(v, str) else v for v in value]
+        return value
+
+
 class TlsFiles(_Section):
     """TLS with explicit CA and client certificate files."""
 
@@ -217,6 +274,7 @@ class Config(_Section):
     realtime: RealtimeConfig = RealtimeConfig()
     audio: AudioConfig = AudioConfig()
     vad: VadConfig = VadConfig()
+    wake: WakeConfig = WakeConfig()
     mqtt: MqttConfig = MqttConfig()
     plugins: dict[str, dict[str, Any]] = Field(default_factory=_default_plugins)
     state_dir: Path = Path("/var/lib/harkd")
@@ -247,6 +305,20 @@ class Config(_Section):
             raise ValueError(
                 f"realtime.ephemeral_tokens: provider {r.provider} has no ephemeral tokens"
             )
+        if r.turn_detection not in provider.turn_detection:
+            supported = ", ".join(sorted(provider.turn_detection))
+            raise ValueError(
+                f"realtime.turn_detection: {r.turn_detection} is not supported by provider "
+                f"{r.provider} (supported: {supported})"
+            )
+        limit_s = provider.session_limit_s
+        if limit_s is not None and r.rollover_s >= limit_s:
+            raise ValueError(
+                f"realtime.rollover_s: must be below the {limit_s:g} s session limit of "
+                f"provider {r.provider}"
+            )
+        if provider.check is not None:
+            provider.check(r)
         _check_echo_reference(self.audio)
         return self
 
@@ -264,6 +336,7 @@ class Config(_Section):
         for section, key in (("realtime", "api_key"), ("mqtt", "password")):
             if data[section][key] is not None:
                 data[section][key] = "***"
+        data["plugins"] = _redact_options(data["plugins"])
         return data
 
 
@@ -276,6 +349,22 @@ def _check_echo_reference(audio: AudioConfig) -> None:
             "audio.processing.echo_cancellation: needs an ALSA output device, which reports "
             f"what it really played; audio.output.device is {what}"
         )
+
+
+PLUGIN_SECRET_KEYS = frozenset({"token", "password", "api_key"})
+"""Plugin option keys whose values `Config.redacted` hides, at any depth (e.g. the `mcp`
+plugin's `servers.NAME.token`)."""
+
+
+def _redact_options(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {
+            k: "***" if k in PLUGIN_SECRET_KEYS and v is not None else _redact_options(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_redact_options(v) for v in value]
+    return value
 
 
 def _secret(value: SecretStr | None, path: Path | None) -> str | None:
@@ -407,6 +496,15 @@ def _check_state(config: Config, sections: Collection[str] | None = None) -> lis
                     problems.append(f"{key}: file {path} is empty")
             except OSError as exc:
                 problems.append(f"{key}: cannot read {path}: {exc.strerror or exc}")
+    for index, word in enumerate(config.wake.words):
+        problem = _wake_model_problem(word.model) if config.wake.enabled else None
+        if problem:
+            problems.append(f"wake.words.{index}.model: {problem}")
+    sound = config.wake.sound
+    if config.wake.enabled and sound is not None and sound.startswith("file:"):
+        path = Path(sound.removeprefix("file:"))
+        if not os.access(path, os.R_OK):
+            problems.append(f"wake.sound: cannot read {path}")
     tls = config.mqtt.tls
     if isinstance(tls, TlsFiles):
         # ssl reads these when the bridge connects; a bad path found then would be a
@@ -418,13 +516,36 @@ def _check_state(config: Config, sections: Collection[str] | None = None) -> lis
     realtime = config.realtime
     missing_key = realtime.api_key is None and realtime.api_key_file is None
     wants_key = sections is None or "realtime" in sections
-    if wants_key and missing_key and find_provider(realtime.provider).needs_api_key:
-        variable = f"{realtime.provider.upper()}_API_KEY"
+    provider = find_provider(realtime.provider)
+    if wants_key and missing_key and provider.needs_api_key:
+        variable = provider.key_variable or f"{realtime.provider.upper()}_API_KEY"
         problems.append(
             f"realtime.api_key: required for provider {realtime.provider} "
             f"(set api_key, e.g. ${{{variable}}}, or api_key_file)"
         )
     return problems
+
+
+def _wake_model_problem(model: str) -> str | None:
+    """Why a custom wake word model cannot load (its .json or the .tflite it names)."""
+    if model in BUILTIN_WAKE_WORDS:
+        return None
+    path = Path(model)
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror or exc}"
+    except ValueError as exc:
+        return f"{path} is not JSON: {exc}"
+    if not isinstance(spec, dict) or not isinstance(spec.get("model"), str):
+        return f'{path} is not a microWakeWord model description (no "model" file name)'
+    micro = spec.get("micro")
+    if not isinstance(micro, dict) or "probability_cutoff" not in micro:
+        return f'{path} is not a microWakeWord model description (no "micro" settings)'
+    tflite = path.parent / spec["model"]
+    if not os.access(tflite, os.R_OK):
+        return f"cannot read the model {tflite} that {path.name} names"
+    return None
 
 
 def _with_state_dir(config: Config, env: Mapping[str, str]) -> Config:

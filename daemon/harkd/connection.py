@@ -40,6 +40,12 @@ STABLE_AFTER_S = 30.0
 CLOSE_WAIT_S = 2.0
 """How long a clean close may take before the connection is simply dropped."""
 
+GOING_AWAY_MARGIN_S = 1.0
+"""A connection the provider is ending is left at the latest this long before its end."""
+
+GOING_AWAY_POLL_S = 0.1
+"""How often a connection that is going away looks for the end of the answer in progress."""
+
 
 class ConnectionOwner(Protocol):
     """What the supervisor tells its owner (the client), all on the event loop."""
@@ -97,6 +103,7 @@ class ConnectionSupervisor:
         """The provider's latest handle to continue the session (resume="handle")."""
         self._resumed = False
         self._going_away = False
+        self._going_away_by = 0.0
 
     @property
     def wanted(self) -> bool:
@@ -156,8 +163,13 @@ class ConnectionSupervisor:
         handle = self._resume_handle if self._adapter.traits.resume == "handle" else None
         try:
             token = await self._get_token()
-            conn = await self._adapter.connect(token, self._settings(), resume_handle=handle)
+            settings = self._settings()
+            conn = await self._adapter.connect(token, settings, resume_handle=handle)
             self._resumed = handle is not None
+            if (latest := self._settings()) != settings:
+                # Tools or instructions changed while the session was being set up
+                # (an MCP server answered meanwhile): the new session gets them too.
+                conn.update_session(latest)
             return conn
         except AuthenticationFailed as exc:
             error = RealtimeError("invalid_api_key", str(exc))
@@ -225,9 +237,13 @@ class ConnectionSupervisor:
         if isinstance(event, ev.ResumeHandle):
             self._resume_handle = event.handle
         elif isinstance(event, ev.GoingAway):
-            # The provider is about to close this connection: move to a new one now,
-            # resumed from the latest handle, rather than be cut off mid-answer.
+            # The provider is about to close this connection: move to a new one, resumed
+            # from the latest handle, once the answer in progress is over (it would be
+            # cut off, and the handle from before it would forget it) or just before the
+            # connection ends, whichever comes first.
             log.info("the provider is going away; moving to a new connection")
+            left_s = 0.0 if event.time_left_ms is None else event.time_left_ms / 1000
+            self._going_away_by = time.monotonic() + max(0.0, left_s - GOING_AWAY_MARGIN_S)
             self._going_away = True
             self._wish_changed.set()  # wakes the watcher
         self._owner.connection_event(event)
@@ -237,17 +253,20 @@ class ConnectionSupervisor:
         deadline = time.monotonic() + self._rollover_s
         self._going_away = False
         while self._wanted.is_set():
-            if self._going_away:
+            now = time.monotonic()
+            if self._going_away and (self._owner.between_turns() or now >= self._going_away_by):
                 self._rollover_pending = True
                 break
-            now = time.monotonic()
             if now >= deadline:
                 if self._owner.between_turns():
                     log.info("rolling the session over before the provider's limit")
                     self._rollover_pending = True
                     break
                 deadline = now + 1.0  # mid-turn: look again shortly
-            await self._wait_for_wish(deadline - now)
+            wake = deadline
+            if self._going_away:
+                wake = min(wake, self._going_away_by, now + GOING_AWAY_POLL_S)
+            await self._wait_for_wish(wake - now)
         await conn.close()
 
     async def _pause(self, seconds: float) -> None:

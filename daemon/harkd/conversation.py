@@ -48,7 +48,12 @@ class Conversation:
         changed: Callable[[], None],
         speaker_quiet: Callable[[], None],
         replay_messages: int,
+        answer_heard: Callable[[], None] = lambda: None,
+        heard: Callable[[ev.ServerEvent], None] = lambda event: None,
+        opened: Callable[[], None] = lambda: None,
     ) -> None:
+        """`answer_heard`: an answer played to its end; `heard`: every server event,
+        after the session took it; `opened`: a session is ready (after its setup)."""
         if output is not None and output.source_rate != traits.output_format.rate:
             raise ValueError(
                 f"the speaker {output.name} takes {output.source_rate} Hz audio; "
@@ -70,6 +75,9 @@ class Conversation:
         self._connection = connection
         self._changed = changed
         self._speaker_quiet = speaker_quiet
+        self._answer_heard = answer_heard
+        self._heard = heard
+        self._opened = opened
         self._replay_messages = replay_messages
         self.tasks: asyncio.TaskGroup | None = None
         """Where tool calls run (the client's task group while it runs)."""
@@ -138,8 +146,11 @@ class Conversation:
 
     def drained(self) -> None:
         """Everything queued for the speaker has been heard."""
+        if not self.session.playing:
+            return  # a sound of the device's own (the wake chime): no answer ended
         self._speaker_quiet()
         self.apply(self.session.playback_drained())
+        self._answer_heard()
 
     def abandoned(self, played: dict[str, int]) -> None:
         """The speaker could not play the answer in time (its device was away): what
@@ -155,10 +166,12 @@ class Conversation:
         self.apply(self.session.connected())
         if not resumed:
             self.apply(self.session.replay(self._replay_messages))
+        self._opened()
 
     def connection_event(self, event: ev.ServerEvent) -> None:
         """One server event for the session core."""
         self.apply(self.session.handle(event))
+        self._heard(event)
 
     def connection_closed(self) -> None:
         """The connection is gone: an unfinished answer ends interrupted."""

@@ -29,12 +29,16 @@ from harkd.messages import (
     RealtimeState,
     RealtimeStatus,
     ToolCallFinished,
+    WakeHeard,
 )
 from harkd.service import Daemon
-from harkd.testing import FakeRealtimeServer, FakeScript, ToolRule
+from harkd.testing import FakeScript, ToolRule
+from harkd.testing.fakes import ProviderFake, fake_server
 
 DEMO_KEY = "sk-harkd-demo-not-a-real-key"
 QUESTION = "What time is it?"
+WAKE_INPUT = "demo_wake.wav"
+"""`--wake`: "I wonder if it will rain later today." then "okay nabu, what time is it?"."""
 TIMEOUT_S = 60.0
 LEVEL_EVERY_S = 0.25
 
@@ -57,8 +61,10 @@ def _tool_reply(outputs: list[tuple[str, str]]) -> str:
 class ConversationPrinter:
     """Prints status, mode, transcripts, tool calls and levels as they happen."""
 
-    def __init__(self, out: TextIO) -> None:
+    def __init__(self, out: TextIO, server: ProviderFake) -> None:
         self.out = out
+        self.server = server
+        self.sent_before_wake_ms: float | None = None
         self.started = time.monotonic()
         self.status: RealtimeStatus | None = None
         self.mode: RealtimeMode | None = None
@@ -85,6 +91,14 @@ class ConversationPrinter:
             self.line(f"{who}: {event.message.text}")
             if event.message.role == "assistant" and self.tool_calls:
                 self.answered.set()
+        elif isinstance(event, WakeHeard):
+            if self.sent_before_wake_ms is None:
+                self.sent_before_wake_ms = self.server.audio_ms_received
+            self.line(
+                f"wake word: {event.word} (score {event.score:.2f}, level {event.level:.3f}); "
+                f"audio the provider had received before it: "
+                f"{self.server.audio_ms_received:.0f} ms"
+            )
         elif isinstance(event, ToolCallFinished):
             self.tool_calls += 1
             result = f"error {event.error}" if event.error else json.dumps(event.output)
@@ -106,9 +120,16 @@ def _bar(level: float, width: int = 12) -> str:
 
 
 async def run_demo(
-    speaker: str | None = None, state_dir: str | None = None, out: TextIO = sys.stdout
+    speaker: str | None = None,
+    state_dir: str | None = None,
+    out: TextIO = sys.stdout,
+    provider: str = "openai",
+    wake: bool = False,
 ) -> int:
-    """Run one spoken turn with a tool call through the real daemon; 0 when it worked."""
+    """Run one spoken turn with a tool call through the real daemon against the fake
+    server of `provider`; 0 when it worked. `wake`: the microphone first says something
+    without the wake word, then "okay nabu, what time is it?", and the demo shows that
+    nothing reached the provider before the wake word."""
     with contextlib.ExitStack() as stack:
         root = (
             Path(state_dir)
@@ -117,7 +138,8 @@ async def run_demo(
         )
         if state_dir and not speaker:
             root.mkdir(parents=True, exist_ok=True)
-        question = stack.enter_context(as_file(files("harkd") / "data" / "demo_question.wav"))
+        name = WAKE_INPUT if wake else "demo_question.wav"
+        question = stack.enter_context(as_file(files("harkd") / "data" / name))
         answer = root / "answer.wav"
         output = speaker or f"file:{answer}"
         script = FakeScript(
@@ -126,20 +148,28 @@ async def run_demo(
             tool_reply=_tool_reply,
             pace=4.0,
         )
-        async with FakeRealtimeServer(script=script, api_keys={DEMO_KEY}) as server:
-            return await _converse(server.url, question, output, root, out)
+        server = fake_server(provider, script, api_keys={DEMO_KEY})
+        async with server:
+            config = _demo_config(
+                server.realtime_config(DEMO_KEY), question, output, root, broker_answers(), wake
+            )
+            return await _converse(server, config, out)
     return 1
 
 
-async def _converse(url: str, question: Path, output: str, root: Path, out: TextIO) -> int:
-    mqtt = broker_answers()
-    config = parse_config(_demo_config(url, question, output, root, mqtt), "<demo>", {})
-    printer = ConversationPrinter(out)
+async def _converse(server: ProviderFake, raw: dict[str, Any], out: TextIO) -> int:
+    config = parse_config(raw, "<demo>", {})
+    printer = ConversationPrinter(out, server)
+    mqtt = config.mqtt.enabled
     broker = "broker on localhost:1883, topics harkd/demo/#" if mqtt else "no broker, off"
+    output = config.audio.output.device or "none"
     print("harkd demo: the daemon's own code path against a built-in fake server", file=out)
-    print(f"  microphone  bundled speech: {question}", file=out)
+    print(f"  provider    {config.realtime.provider} (fake)", file=out)
+    print(f"  microphone  bundled speech: {config.audio.input.device}", file=out)
     print(f"  speaker     {output}", file=out)
     print(f"  MQTT        {broker}", file=out)
+    if config.wake.enabled:
+        print("  wake word   okay_nabu: nothing leaves the device before it", file=out)
     tasks: list[asyncio.Task[Any]] = []
 
     def attach(client: RealtimeClient) -> None:
@@ -162,9 +192,20 @@ async def _converse(url: str, question: Path, output: str, root: Path, out: Text
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+    if config.wake.enabled:
+        before = printer.sent_before_wake_ms
+        if before is None:
+            printer.line("the wake word was not heard")
+            ok = False
+        else:
+            printer.line(
+                f"privacy: {before:.0f} ms of audio reached the provider before the wake word, "
+                f"{server.audio_ms_received - before:.0f} ms after it"
+            )
+            ok = ok and before == 0
     if output.startswith("file:"):
         _describe_wav(Path(output.removeprefix("file:")), out)
-    print(f"journal: {root / 'transcripts.jsonl'}", file=out)
+    print(f"journal: {config.state_dir / 'transcripts.jsonl'}", file=out)
     return 0 if ok else 1
 
 
@@ -174,10 +215,13 @@ def _describe_wav(path: Path, out: TextIO) -> None:
         print(f"answer audio: {seconds:.1f} s written to {path}", file=out)
 
 
-def _demo_config(url: str, question: Path, output: str, root: Path, mqtt: bool) -> dict[str, Any]:
+def _demo_config(
+    realtime: dict[str, Any], question: Path, output: str, root: Path, mqtt: bool, wake: bool
+) -> dict[str, Any]:
     return {
         "device": {"id": "demo", "name": "harkd demo"},
-        "realtime": {"url": url, "api_key": DEMO_KEY, "instructions": "Answer briefly."},
+        "realtime": {**realtime, "instructions": "Answer briefly."},
+        "wake": {"enabled": wake},
         "audio": {"input": {"device": f"file:{question}"}, "output": {"device": output}},
         "mqtt": {"enabled": mqtt, "host": "127.0.0.1"},
         "plugins": {"clock": {}, "timers": {}},

@@ -7,6 +7,7 @@ with the entities of DESIGN.md ("MQTT contract").
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, metadata
 from typing import Any
 
@@ -49,8 +50,13 @@ def discovery_config(
     base: str,
     sw_version: str,
     support_url: str | None = None,
+    *,
+    wake_words: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The device-based discovery payload for the device whose topics start at `base`.
+
+    `wake_words` (those configured, when the wake word is on) adds the "Wake word"
+    event, whose event types are the words and `command` (`cmd/listen`).
 
     `base` is `<base_topic>/<device.id>`. Every component has a `unique_id` that
     depends only on the device id, so entities survive restarts and renames.
@@ -152,6 +158,20 @@ def discovery_config(
             icon="mdi:message-text",
         ),
     }
+    if wake_words:
+        components["wake_word"] = component(
+            "wake_word",
+            "event",
+            "Wake word",
+            state_topic=f"{base}/wake",
+            event_types=[*wake_words, "command"],
+            # Home Assistant wants the type in `event_type`; the rest become attributes.
+            value_template=(
+                '{{ {"event_type": value_json.word, "score": value_json.score, '
+                '"level": value_json.level, "answered": value_json.answered} | to_json }}'
+            ),
+            icon="mdi:account-voice",
+        )
     return {
         "device": {
             "identifiers": [ident],

@@ -32,6 +32,8 @@ _MIN_SECRET_LEN = 6  # shorter values would mask ordinary words all over the log
 _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     # OpenAI API keys (sk-..., sk-proj-...) and ephemeral client secrets (ek_...).
     (re.compile(r"\b(sk-|ek_)[A-Za-z0-9_-]{8,}"), rf"\g<1>{_MASK}"),
+    # Google API keys (Gemini): "AIza" and 35 more characters.
+    (re.compile(r"\bAIza[0-9A-Za-z_-]{35}"), _MASK),
     (re.compile(r"\b(Bearer)\s+[A-Za-z0-9._~+/=-]+", re.IGNORECASE), rf"\g<1> {_MASK}"),
     # user:password@ in URLs (mqtt://user:pw@host, https://...).
     (re.compile(r"\b([a-z][a-z0-9+.-]*://[^/\s:@]+):[^/\s@]+@", re.IGNORECASE), rf"\g<1>:{_MASK}@"),
@@ -203,7 +205,9 @@ def configure_logging(
         old.close()
     root.addHandler(handler)
     root.setLevel(levelno)
-    # websockets logs every frame at debug (base64 audio): only worth it when debugging.
-    logging.getLogger("websockets").setLevel(
-        logging.NOTSET if levelno <= logging.DEBUG else logging.WARNING
-    )
+    # websockets logs every frame at debug (base64 audio), and the MCP client's HTTP
+    # library every request at info: only worth it when debugging.
+    for chatty in ("websockets", "httpx2", "httpcore2"):
+        logging.getLogger(chatty).setLevel(
+            logging.NOTSET if levelno <= logging.DEBUG else logging.WARNING
+        )

@@ -252,4 +252,30 @@ class UsageReported:
     usage: Mapping[str, Any]
 
 
-ClientEvent: TypeAlias = MessageFinalized | PartialTranscript | ToolCallFinished | UsageReported
+@dataclass(frozen=True)
+class WakeHeard:
+    """A wake word (or `cmd/listen`, word `command`) and whether this device answers."""
+
+    word: str
+    score: float
+    level: float
+    """The wake word's RMS, 0..1 of full scale (0 for a command)."""
+    ts: float
+    """Wall-clock time of the detection."""
+    answered: bool
+    """False: another device answers, or the turn was dropped (nothing said in time)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form for `B/wake`."""
+        return {
+            "word": self.word,
+            "score": self.score,
+            "level": self.level,
+            "ts": self.ts,
+            "answered": self.answered,
+        }
+
+
+ClientEvent: TypeAlias = (
+    MessageFinalized | PartialTranscript | ToolCallFinished | UsageReported | WakeHeard
+)

@@ -22,6 +22,7 @@ from typing import Any, TextIO
 import paho.mqtt.client as paho
 from paho.mqtt.reasoncodes import ReasonCode
 
+from .arbitration import CLAIM_TOPIC, Claim
 from .config import MqttConfig
 from .mqtt import make_client
 
@@ -52,6 +53,10 @@ class DeviceView:
     final: dict[str, str] = field(default_factory=dict)
     tool_calls: deque[str] = field(default_factory=lambda: deque(maxlen=TOOL_CALLS_SHOWN))
     error: str | None = None
+    wake: str | None = None
+    """The last wake word heard, as a line."""
+    claim: str | None = None
+    """Its last claim to answer a wake word (arbitration), as a line."""
     levels: tuple[float, float] | None = None
     levels_at: float | None = None
     """time.monotonic() of the last level message."""
@@ -75,6 +80,26 @@ def _tool_line(data: Any) -> str:
     return f"{data.get('name')}({data.get('arguments', '')}) -> {result}"
 
 
+def _wake_line(data: dict[str, Any]) -> str:
+    answered = "answered" if data.get("answered") else "not answered"
+    with contextlib.suppress(TypeError, ValueError):
+        return (
+            f"{data.get('word')} score {float(data['score']):.2f} "
+            f"level {float(data['level']):.3f} ({answered})"
+        )
+    return f"{data.get('word')} ({answered})"
+
+
+def _claim(devices: dict[str, DeviceView], payload: bytes) -> str | None:
+    try:
+        claim = Claim.from_json(payload)
+    except ValueError:
+        return None
+    view = devices.setdefault(claim.device, DeviceView(claim.device))
+    view.claim = f"{claim.word} level {claim.level:.3f} score {claim.score:.2f}"
+    return f"{claim.device} claims {view.claim}"
+
+
 def apply(
     devices: dict[str, DeviceView],
     base_topic: str,
@@ -86,6 +111,8 @@ def apply(
 
     None means nothing worth a line (level meters, unknown topics, full messages).
     """
+    if topic == f"{base_topic}/{CLAIM_TOPIC}":
+        return _claim(devices, payload)
     parts = topic.removeprefix(f"{base_topic}/").split("/", 1)
     if not topic.startswith(f"{base_topic}/") or len(parts) != 2:
         return None
@@ -115,6 +142,12 @@ def apply(
         line = _tool_line(_json(payload))
         view.tool_calls.append(line)
         return f"{device_id} tool: {line}"
+    if sub == "wake":
+        data = _json(payload)
+        if not isinstance(data, dict):
+            return None
+        view.wake = _wake_line(data)
+        return f"{device_id} wake: {view.wake}"
     if sub == "error":
         data = _json(payload)
         if not payload:
@@ -170,6 +203,10 @@ def render(devices: Mapping[str, DeviceView], now: float | None = None) -> str:
                 lines.append(f"  {role:9} ... {_cut(v.partial[role])}")
             elif role in v.final:
                 lines.append(f"  {role:9} {_cut(v.final[role])}")
+        if v.claim:
+            lines.append(f"  claim     {v.claim}")
+        if v.wake:
+            lines.append(f"  wake      {v.wake}")
         lines.extend(f"  tool      {_cut(call)}" for call in v.tool_calls)
         if v.error:
             lines.append(f"  error     {_cut(v.error)}")

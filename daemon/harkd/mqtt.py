@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -55,6 +55,7 @@ from .messages import (
     RealtimeState,
     ToolCallFinished,
     UsageReported,
+    WakeHeard,
     is_data_url,
     is_url,
 )
@@ -260,10 +261,13 @@ class MqttBridge:
         password: str | None,
         controller: Controller,
         *,
+        wake_words: Sequence[str] = (),
         birth_delay_s: tuple[float, float] = (0.5, 3.0),
     ) -> None:
+        """`wake_words`: the configured wake words (Home Assistant's wake event)."""
         self._config = mqtt
         self._device = device
+        self._wake_words = tuple(wake_words)
         self._password = password
         self._controller = controller
         self._birth_delay_s = birth_delay_s
@@ -519,7 +523,9 @@ class MqttBridge:
         prefix = self._config.discovery_prefix
         if prefix is not None:
             version, url = package_info()
-            config = discovery_config(self._device, self.base, version, url)
+            config = discovery_config(
+                self._device, self.base, version, url, wake_words=self._wake_words
+            )
             self._send(discovery_topic(prefix, self._device.id), _json(config), 1, True)
         self._send(f"{self.base}/availability", AVAILABLE.encode(), 1, True)
         self._published = {}
@@ -544,6 +550,8 @@ class MqttBridge:
             self.publish(f"{self.base}/message", _json(event.message.to_dict()), qos=1)
         elif isinstance(event, ToolCallFinished):
             self.publish(f"{self.base}/tool_call", _json(event.to_dict()), qos=1)
+        elif isinstance(event, WakeHeard):
+            self.publish(f"{self.base}/wake", _json(event.to_dict()), qos=1)
         elif isinstance(event, UsageReported):
             usage = {"response_id": event.response_id, "status": event.status}
             self.publish(f"{self.base}/usage", _json({**usage, "usage": dict(event.usage)}), 0)

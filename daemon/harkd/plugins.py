@@ -6,6 +6,11 @@ plugins named in config load. One that is not installed, fails to import, reject
 options or returns bad tools is reported (`LoadedPlugins.problems`) and left out; the
 others load and the daemon runs. Two plugins offering the same tool name is a
 configuration error: the model could not tell them apart.
+
+A plugin whose tools change while the daemon runs (the `mcp` plugin: servers come and
+go, their tool lists change) calls `ctx.set_tools(tools, instructions)`; `LiveTools`
+merges every plugin's current share and hands the result to the daemon, which applies
+it to the live session in one settings update.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import copy
 import json
 import logging
 import tempfile
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
@@ -36,6 +41,8 @@ SubscribeFn = Callable[[str, MessageCallback], object]
 return value, such as an unsubscribe function, is ignored)."""
 SayFn = Callable[[str], object]
 """`say(text)`: the daemon injects the text and asks the model for a spoken response."""
+OfferFn = Callable[[str, Sequence[Tool], str], None]
+"""`offer(plugin, tools, instructions)`: a plugin's tools and instructions, as of now."""
 BackgroundFactory = Callable[[], Coroutine[Any, Any, None]]
 
 
@@ -82,6 +89,7 @@ class PluginContext:
         say: SayFn,
         publish: PublishFn | None,
         subscribe: SubscribeFn | None,
+        offer: OfferFn | None = None,
     ) -> None:
         self.name = name
         self.device_id = device_id
@@ -92,6 +100,7 @@ class PluginContext:
         self._say = say
         self._publish = publish
         self._subscribe = subscribe
+        self._offer = offer
         self._background: list[BackgroundTask] = []
 
     @property
@@ -120,6 +129,19 @@ class PluginContext:
     def say(self, text: str) -> None:
         """Make the assistant speak about `text` (it becomes a message the model answers)."""
         self._say(text)
+
+    def set_tools(self, tools: Iterable[Tool], instructions: str = "") -> None:
+        """Replace, while the daemon runs, the tools this plugin offers (those its callable
+        returned included) and its addition to the session instructions.
+
+        Call it from a background task or a tool handler, not from the plugin callable
+        (return the first tools from there). The open session gets the change at once.
+        A tool that is invalid, or whose name another plugin already offers, is logged
+        as an error and left out; the rest are offered. Without a live daemon (`harkd
+        plugins`) it does nothing.
+        """
+        if self._offer is not None:
+            self._offer(self.name, tuple(tools), instructions)
 
     def background(self, factory: BackgroundFactory, name: str | None = None) -> None:
         """Run `await factory()` for the daemon's lifetime, in its supervisor.
@@ -150,6 +172,7 @@ class PluginHost:
         say: SayFn,
         publish: PublishFn | None = None,
         subscribe: SubscribeFn | None = None,
+        offer: OfferFn | None = None,
     ) -> None:
         self.device_id = device_id
         self.state_dir = state_dir
@@ -157,6 +180,7 @@ class PluginHost:
         self.say = say
         self.publish = publish
         self.subscribe = subscribe
+        self.offer = offer
 
     def context(self, name: str) -> PluginContext:
         """A fresh context for plugin `name`."""
@@ -168,6 +192,7 @@ class PluginHost:
             say=self.say,
             publish=self.publish,
             subscribe=self.subscribe,
+            offer=self.offer,
         )
 
 
@@ -210,6 +235,84 @@ class LoadedPlugins:
     """Names of the plugins that loaded, in config order."""
     problems: tuple[PluginProblem, ...] = ()
     background: tuple[BackgroundTask, ...] = ()
+    tools_of: Mapping[str, tuple[Tool, ...]] = field(default_factory=dict)
+    """Each loaded plugin's tools, by plugin name."""
+
+
+class LiveTools:
+    """Every loaded plugin's tools and instructions as they are now, merged.
+
+    Starts from what `load_plugins` returned; `offer` (a `PluginHost`'s) replaces one
+    plugin's share at runtime and calls `changed()` when the merged result differs.
+    One instance serves one set of loaded plugins: after a reload, `close()` the old
+    one, so offers from plugin instances on their way out are ignored.
+    """
+
+    def __init__(self, changed: Callable[[], None]) -> None:
+        self._changed = changed
+        self._tools: dict[str, tuple[Tool, ...]] = {}
+        self._notes: dict[str, str] = {}
+        self._reported: set[tuple[str, str, str]] = set()
+        self._open = True
+
+    def start(self, loaded: LoadedPlugins) -> None:
+        """Take the loaded plugins' tools (`load_plugins` checked them for clashes)."""
+        self._tools = dict(loaded.tools_of)
+
+    def close(self) -> None:
+        """Ignore every later offer."""
+        self._open = False
+
+    @property
+    def tools(self) -> tuple[Tool, ...]:
+        """Every plugin's tools, in plugin order."""
+        return tuple(t for tools in self._tools.values() for t in tools)
+
+    def instructions(self, base: str) -> str:
+        """`base` (the configured instructions) followed by each plugin's addition."""
+        return "\n\n".join(part for part in (base, *self._notes.values()) if part)
+
+    def offer(self, plugin: str, tools: Sequence[Tool], instructions: str) -> None:
+        """Replace `plugin`'s tools and instructions (see `PluginContext.set_tools`)."""
+        if not self._open:
+            return
+        if plugin not in self._tools:
+            logger.warning("plugin %s offered tools but is not loaded; ignored", plugin)
+            return
+        owner = {t.name: name for name, ts in self._tools.items() if name != plugin for t in ts}
+        accepted: list[Tool] = []
+        for tool in tools:
+            try:
+                check_tool(tool)
+            except ValueError as exc:
+                self._report(plugin, f"invalid tool left out: {exc}", ("invalid", plugin, str(exc)))
+                continue
+            other = owner.get(tool.name)
+            if other is None and any(t.name == tool.name for t in accepted):
+                other = plugin
+            if other is not None:
+                self._report(
+                    plugin,
+                    f"tool {tool.name!r} is also provided by plugin {other!r}; "
+                    f"left out (enable only one of {other} and {plugin})",
+                    (tool.name, plugin, other),
+                )
+                continue
+            accepted.append(tool)
+        new_tools = tuple(accepted)
+        if new_tools == self._tools[plugin] and instructions == self._notes.get(plugin, ""):
+            return
+        self._tools[plugin] = new_tools
+        self._notes[plugin] = instructions
+        names = ", ".join(t.name for t in new_tools) or "none"
+        logger.info("plugin %s: tools now %s", plugin, names)
+        self._changed()
+
+    def _report(self, plugin: str, message: str, key: tuple[str, str, str]) -> None:
+        # Once per problem: a plugin offers its whole set again at every change.
+        if key not in self._reported:
+            self._reported.add(key)
+            logger.error("plugins.%s: %s", plugin, message)
 
 
 @dataclass(frozen=True)
@@ -280,6 +383,7 @@ def load_plugins(
         plugins=tuple(p.name for p in loaded),
         problems=tuple(problems),
         background=tuple(b for p in loaded for b in p.background),
+        tools_of={p.name: p.tools for p in loaded},
     )
 
 
@@ -365,7 +469,9 @@ def describe_plugins(config_plugins: Mapping[str, Mapping[str, Any]]) -> str:
                 label = "problem" if enabled else "tools unknown without options"
                 lines.append(f"  {label}: {result}")
                 continue
-            if not result.tools:
+            if not result.tools and result.background:
+                lines.append("  tools: none at start (it may offer some while the daemon runs)")
+            elif not result.tools:
                 lines.append("  tools: none")
             for tool in result.tools:
                 lines.extend(_describe_tool(tool))

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from harkd.adapters.registry import build_adapter, token_source
+from harkd.arbitration import MqttArbiter
 from harkd.audio import open_input, open_output
 from harkd.audio.echo import processing_stages
 from harkd.backoff import Backoff
@@ -38,7 +39,7 @@ from harkd.messages import (
     is_url,
 )
 from harkd.mqtt import MqttBridge
-from harkd.plugins import BackgroundTask, LoadedPlugins, PluginHost, load_plugins
+from harkd.plugins import BackgroundTask, LiveTools, LoadedPlugins, PluginHost, load_plugins
 from harkd.systemd import LoopLagProbe, SystemdNotifier, run_watchdog, watchdog_interval_s
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,7 @@ class Daemon:
         )
         self.bridge: MqttBridge | None = None
         self.plugins = LoadedPlugins()
+        self.live_tools = LiveTools(self._apply_tools)
         self._parts: dict[str, _Part] = {}
         self._plugin_tasks: list[asyncio.Task[None]] = []
         self._service_tasks: list[asyncio.Task[None]] = []
@@ -112,7 +114,7 @@ class Daemon:
             # The bridge exists before plugins load: they subscribe while loading.
             self.bridge = self._make_bridge(self.config)
             self._load_plugins(self.config)
-            self.client.update_settings(tools=self.plugins.tools)
+            self.client.update_settings(tools=self.live_tools.tools)
             self.client.on_event(self._on_event)
             self.client.on_state_change(self._on_state)
             if self.on_client is not None:
@@ -154,9 +156,11 @@ class Daemon:
             ]
 
     async def _announce_ready(self) -> None:
-        """READY=1 once audio, session and MQTT are up or retrying."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._started.wait(), READY_WAIT_S)
+        """READY=1 once audio, session and MQTT are up or retrying (an on-demand
+        session opens only when needed: nothing to wait for)."""
+        if self.config.realtime.connect == "always":
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._started.wait(), READY_WAIT_S)
         self.notifier.ready()
         self._on_state(self.client.state)
         log.info("harkd ready (device %s)", self.config.device.id)
@@ -225,8 +229,23 @@ class Daemon:
 
     def _make_bridge(self, config: Config) -> MqttBridge | None:
         if not config.mqtt.enabled:
+            self.client.arbiter = None  # alone: every wake word is this device's
             return None
-        return MqttBridge(config.mqtt, config.device, config.mqtt_password(), self.client)
+        words = [Path(w.model).stem for w in config.wake.words] if config.wake.enabled else []
+        bridge = MqttBridge(
+            config.mqtt, config.device, config.mqtt_password(), self.client, wake_words=words
+        )
+        self.client.arbiter = None
+        if config.wake.enabled and config.wake.arbitration:
+            arbiter = MqttArbiter(
+                config.device.id,
+                config.mqtt.base_topic,
+                publish=lambda topic, payload: bridge.publish(topic, payload, qos=1),
+                connected=lambda: bridge.connected,
+            )
+            bridge.subscribe(arbiter.topic, arbiter.received)
+            self.client.arbiter = arbiter
+        return bridge
 
     def _start_mqtt(
         self, tasks: asyncio.TaskGroup, after: asyncio.Task[None] | None = None
@@ -248,6 +267,8 @@ class Daemon:
 
     def _load_plugins(self, config: Config) -> None:
         mqtt_on = config.mqtt.enabled
+        self.live_tools.close()  # the old plugin instances' offers are void from now on
+        live = self.live_tools = LiveTools(self._apply_tools)
         host = PluginHost(
             config.device.id,
             config.state_dir,
@@ -255,9 +276,18 @@ class Daemon:
             say=self.client.say,
             publish=self._publish if mqtt_on else None,
             subscribe=self._subscribe if mqtt_on else None,
+            offer=live.offer,
         )
         source = str(self.config_path or "config")
         self.plugins = load_plugins(config.plugins, host, source=source)  # logs problems
+        live.start(self.plugins)
+
+    def _apply_tools(self) -> None:
+        """A plugin changed its tools or instructions: the session gets them in one update."""
+        self.client.update_settings(
+            instructions=self.live_tools.instructions(self.config.realtime.instructions),
+            tools=self.live_tools.tools,
+        )
 
     # Plugins keep these two even when SIGHUP replaces the bridge.
     def _publish(
@@ -367,9 +397,9 @@ class Daemon:
             if tasks is not None:
                 self._start_plugin_tasks(tasks, self.plugins.background)
         self.client.update_settings(
-            instructions=new.realtime.instructions,
+            instructions=self.live_tools.instructions(new.realtime.instructions),
             voice=new.realtime.voice,
-            tools=self.plugins.tools,
+            tools=self.live_tools.tools,
         )
 
 
@@ -422,6 +452,9 @@ def _build_client(config: Config) -> RealtimeClient:
         rollover_s=rt.rollover_s,
         replay_messages=rt.replay_messages,
         volume=config.audio.output.volume,
+        wake=config.wake if config.wake.enabled else None,
+        connect=rt.connect,
+        idle_disconnect_s=rt.idle_disconnect_s,
         conditioning=processing_stages(
             config.audio.processing, audio_input.sample_rate, audio_output
         ),

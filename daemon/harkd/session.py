@@ -223,6 +223,11 @@ class Session:
         )
 
     @property
+    def playing(self) -> bool:
+        """An answer of this conversation is in the speaker (not any other sound)."""
+        return self._playing
+
+    @property
     def mode(self) -> RealtimeMode:
         """What the conversation is doing, derived from the turn flags."""
         if not self._connected:
@@ -326,6 +331,13 @@ class Session:
         if not self._turn_open:
             return []
         self._turn_open = False
+        return [Send(ev.DiscardTurn())]
+
+    def discard_input(self) -> list[Effect]:
+        """Forget what the server holds of the user's turn (woken, nobody spoke)."""
+        if not self._connected:
+            return []
+        self._user_speaking = False
         return [Send(ev.DiscardTurn())]
 
     def interrupt(self) -> list[Effect]:

@@ -9,6 +9,8 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from harkd.messages import RealtimeError, RealtimeToken
@@ -35,6 +37,31 @@ def http_base(realtime_url: str) -> str:
     return urlunsplit((scheme, parts.netloc, "", "", ""))
 
 
+def bearer_key(api_key: str) -> dict[str, str]:
+    """The key as `Authorization: Bearer` (OpenAI, xAI)."""
+    return {"Authorization": f"Bearer {api_key}"}
+
+
+def openai_secret_request(ttl_s: int, model: str) -> dict[str, Any]:
+    """OpenAI's (and Azure's) request body: expiry and the session it is for."""
+    return {
+        "expires_after": {"anchor": "created_at", "seconds": ttl_s},
+        "session": {"type": "realtime", "model": model},
+    }
+
+
+@dataclass(frozen=True)
+class SecretsEndpoint:
+    """Where and how a provider mints client secrets (the answer is always
+    `{"value", "expires_at"}`)."""
+
+    path: str = "/v1/realtime/client_secrets"
+    auth: Callable[[str], dict[str, str]] = field(default=bearer_key)
+    """API key -> request headers."""
+    request: Callable[[int, str], dict[str, Any]] = field(default=openai_secret_request)
+    """(lifetime in s, model) -> request body."""
+
+
 class EphemeralTokens:
     """Mints short-lived client secrets with a standard key, cached until near expiry.
 
@@ -43,10 +70,18 @@ class EphemeralTokens:
     """
 
     def __init__(
-        self, api_key: str, base_url: str, model: str, ttl_s: int = 600, timeout_s: float = 10.0
+        self,
+        api_key: str,
+        base_url: str,
+        model: str,
+        ttl_s: int = 600,
+        timeout_s: float = 10.0,
+        *,
+        endpoint: SecretsEndpoint = SecretsEndpoint(),
     ) -> None:
         self._api_key = api_key
-        self._endpoint = f"{base_url.rstrip('/')}/v1/realtime/client_secrets"
+        self._url = f"{base_url.rstrip('/')}{endpoint.path}"
+        self._endpoint = endpoint
         self._model = model
         self._ttl_s = ttl_s
         self._timeout_s = timeout_s
@@ -60,20 +95,12 @@ class EphemeralTokens:
         return self._cached
 
     def _mint(self) -> RealtimeToken:
-        body = json.dumps(
-            {
-                "expires_after": {"anchor": "created_at", "seconds": self._ttl_s},
-                "session": {"type": "realtime", "model": self._model},
-            }
-        ).encode()
+        body = json.dumps(self._endpoint.request(self._ttl_s, self._model)).encode()
         request = urllib.request.Request(
-            self._endpoint,
+            self._url,
             data=body,
             method="POST",
-            headers={
-                "Authorization": f"Bearer {self._api_key}",
-                "Content-Type": "application/json",
-            },
+            headers={**self._endpoint.auth(self._api_key), "Content-Type": "application/json"},
         )
         try:
             with urllib.request.urlopen(request, timeout=self._timeout_s) as response:

@@ -1,8 +1,10 @@
 """OpenAI Realtime (GA) over WebSocket: the wire mapping and the transport.
 
 Everything harkd sends is GA-shaped; decoding accepts the retired beta event names
-as a fallback. The transport keeps two lanes so control commands (cancel, truncate,
-turn end, tool results) never wait behind queued microphone audio.
+as a fallback. Providers that speak these events with a few differences of their own
+(xAI Grok, Azure OpenAI) reuse all of it through a `Dialect`. The transport keeps two
+lanes so control commands (cancel, truncate, turn end, tool results) never wait behind
+queued microphone audio.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlencode, urlsplit
 
@@ -94,18 +97,23 @@ def session_update(settings: ev.SessionSettings) -> dict[str, Any]:
             },
             "output": {"format": _OUTPUT_FORMAT, "voice": settings.voice},
         },
-        "tools": [
-            {
-                "type": "function",
-                "name": tool.name,
-                "description": tool.description,
-                "parameters": dict(tool.parameters),
-            }
-            for tool in settings.tools
-        ],
+        "tools": function_tools(settings),
         "tool_choice": "auto",
     }
     return {"type": "session.update", "session": session}
+
+
+def function_tools(settings: ev.SessionSettings) -> list[dict[str, Any]]:
+    """The session's tools as Realtime `function` tools."""
+    return [
+        {
+            "type": "function",
+            "name": tool.name,
+            "description": tool.description,
+            "parameters": dict(tool.parameters),
+        }
+        for tool in settings.tools
+    ]
 
 
 def append_message(pcm: bytes) -> str:
@@ -414,6 +422,7 @@ _IGNORED = frozenset(
         "output_audio_buffer.stopped",
         "output_audio_buffer.cleared",
         "conversation.created",
+        "ping",  # xAI's keep-alive
     }
 )
 
@@ -456,11 +465,39 @@ def realtime_url(url: str, model: str) -> str:
     return f"{url}{joiner}{urlencode({'model': model})}"
 
 
-class OpenAIRealtimeAdapter:
-    """Opens OpenAI Realtime sessions over WebSocket."""
+def bearer_auth(token: RealtimeToken) -> dict[str, str]:
+    """OpenAI's handshake credential: `Authorization: Bearer KEY`."""
+    return {"Authorization": f"Bearer {token.value}"}
 
-    name = "openai"
-    traits = TRAITS
+
+@dataclass(frozen=True)
+class Dialect:
+    """How a provider that speaks the OpenAI Realtime events differs from OpenAI itself.
+
+    Everything else (the commands' encoding, decoding, the two-lane transport, error
+    handling) is shared: a provider declares only these.
+    """
+
+    name: str
+    """The adapter's name (`RealtimeAdapter.name`)."""
+    traits: ProviderTraits
+    """What the provider can do."""
+    session_update: Callable[[ev.SessionSettings], dict[str, Any]]
+    """Settings -> its `session.update` event."""
+    auth_headers: Callable[[RealtimeToken], dict[str, str]] = bearer_auth
+    """Credential -> the handshake's headers."""
+
+
+OPENAI = Dialect("openai", TRAITS, session_update)
+"""OpenAI Realtime GA itself."""
+
+
+class OpenAIRealtimeAdapter:
+    """Opens OpenAI Realtime sessions over WebSocket (or those of a provider speaking
+    its events, described by a `Dialect`)."""
+
+    name = OPENAI.name
+    traits = OPENAI.traits
 
     def __init__(
         self,
@@ -469,11 +506,15 @@ class OpenAIRealtimeAdapter:
         *,
         ping_interval_s: float = 20.0,
         ping_timeout_s: float = 20.0,
+        dialect: Dialect = OPENAI,
     ) -> None:
         self.model = model
         self.url = url
         self.ping_interval_s = ping_interval_s
         self.ping_timeout_s = ping_timeout_s
+        self.dialect = dialect
+        self.name = dialect.name
+        self.traits = dialect.traits
 
     async def connect(
         self, token: RealtimeToken, settings: ev.SessionSettings, resume_handle: str | None = None
@@ -486,7 +527,7 @@ class OpenAIRealtimeAdapter:
         try:
             ws = await websockets.connect(
                 realtime_url(self.url, self.model),
-                additional_headers={"Authorization": f"Bearer {token.value}"},
+                additional_headers=self.dialect.auth_headers(token),
                 max_size=None,
                 ping_interval=self.ping_interval_s,
                 ping_timeout=self.ping_timeout_s,
@@ -503,7 +544,7 @@ class OpenAIRealtimeAdapter:
             raise ConnectionFailed(f"handshake refused (HTTP {status})") from None
         except (OSError, TimeoutError, websockets.InvalidHandshake) as exc:
             raise ConnectionFailed(f"cannot connect: {exc}") from None
-        connection = OpenAIConnection(ws)
+        connection = OpenAIConnection(ws, self.dialect)
         try:
             await asyncio.wait_for(connection.setup(settings), SETUP_TIMEOUT_S)
         except BaseException:
@@ -513,17 +554,24 @@ class OpenAIRealtimeAdapter:
 
 
 def openai_realtime(
-    model: str = "gpt-realtime", url: str = "wss://api.openai.com/v1/realtime", **options: float
+    model: str = "gpt-realtime",
+    url: str = "wss://api.openai.com/v1/realtime",
+    *,
+    ping_interval_s: float = 20.0,
+    ping_timeout_s: float = 20.0,
 ) -> OpenAIRealtimeAdapter:
     """The OpenAI adapter (named like the reference's `openaiRealtime()`)."""
-    return OpenAIRealtimeAdapter(model, url, **options)
+    return OpenAIRealtimeAdapter(
+        model, url, ping_interval_s=ping_interval_s, ping_timeout_s=ping_timeout_s
+    )
 
 
 class OpenAIConnection:
     """One open OpenAI Realtime session."""
 
-    def __init__(self, ws: ClientConnection) -> None:
+    def __init__(self, ws: ClientConnection, dialect: Dialect = OPENAI) -> None:
         self._ws = ws
+        self._dialect = dialect
         self._control: deque[str] = deque()
         # Audio waiting for the socket, with each message's PCM length. Bounded: a
         # connection that cannot keep up loses its oldest audio, and says so.
@@ -539,7 +587,7 @@ class OpenAIConnection:
     async def setup(self, settings: ev.SessionSettings) -> None:
         """`session.created`, then our `session.update`, until `session.updated`."""
         try:
-            await self._ws.send(json.dumps(self._stamp(session_update(settings))))
+            await self._ws.send(json.dumps(self._stamp(self._dialect.session_update(settings))))
             await self._await_updated()
         except ConnectionClosed as exc:
             raise _as_failure(_lost(exc)) from None
@@ -586,7 +634,7 @@ class OpenAIConnection:
     def _drop_oldest_audio(self) -> None:
         _, pcm_bytes = self._audio.popleft()
         self._dropped_bytes += pcm_bytes
-        self._drop_log.dropped(pcm_bytes / TRAITS.input_format.bytes_per_ms)
+        self._drop_log.dropped(pcm_bytes / self._dialect.traits.input_format.bytes_per_ms)
         if not self._drop_report_scheduled:
             # Told to the session after this send returns, not from inside it.
             self._drop_report_scheduled = True
@@ -615,7 +663,7 @@ class OpenAIConnection:
 
     def update_session(self, settings: ev.SessionSettings) -> None:
         """Send a new `session.update` (instructions, tools) on the open session."""
-        self._control.append(json.dumps(self._stamp(session_update(settings))))
+        self._control.append(json.dumps(self._stamp(self._dialect.session_update(settings))))
         self._wakeup.set()
 
     def _stamp(self, event: dict[str, Any]) -> dict[str, Any]:

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from harkd.tokens import EphemeralTokens, TokenSource, http_base, static_token
+from harkd.tokens import EphemeralTokens, SecretsEndpoint, TokenSource, http_base, static_token
 
 if TYPE_CHECKING:
     from harkd.adapters.base import RealtimeAdapter
@@ -47,11 +47,34 @@ class Provider:
     """`realtime.api_key` (or `api_key_file`) is required."""
     mint_tokens: TokenMinter | None = None
     """How `realtime.ephemeral_tokens` gets client secrets; None: not supported."""
+    turn_detection: frozenset[str] = frozenset({"server_vad", "semantic_vad", "manual"})
+    """The `realtime.turn_detection` values it supports."""
+    check: Callable[[RealtimeConfig], None] | None = None
+    """Checks the provider's own keys of a `realtime` section; raises `ValueError`
+    whose text starts with the key (`realtime.agent_id: required ...`)."""
+    fake: str | None = None
+    """`module:attribute` of its fake server in `harkd.testing` (a `ProviderFake`
+    factory), for `harkd demo --provider` and `harkd fake-server --provider`."""
+    key_variable: str | None = None
+    """The environment variable a missing key's error suggests; None: `NAME_API_KEY`."""
+    session_limit_s: float | None = None
+    """How long the provider lets a session last; `realtime.rollover_s` must be less."""
 
 
 OPENAI_URL = "wss://api.openai.com/v1/realtime"
 OPENAI_MODEL = "gpt-realtime"
 OPENAI_VOICE = "marin"
+OPENAI_SESSION_LIMIT_S = 3600.0
+
+GROK_URL = "wss://api.x.ai/v1/realtime"
+GROK_MODEL = "grok-voice-latest"
+"""xAI's alias for its newest voice model."""
+GROK_VOICE = "eve"
+GROK_SESSION_LIMIT_S = 3600.0
+
+AZURE_MODEL = "gpt-realtime"
+"""The deployment name Azure's own examples give the model; yours may differ."""
+AZURE_URL_SHAPE = "wss://RESOURCE.openai.azure.com/openai/v1/realtime"
 
 
 def _openai(config: RealtimeConfig) -> RealtimeAdapter:
@@ -72,6 +95,107 @@ def _openai_secrets(api_key: str, config: RealtimeConfig) -> TokenSource:
     )
 
 
+def _grok(config: RealtimeConfig) -> RealtimeAdapter:
+    from harkd.adapters.grok import grok_realtime
+
+    return grok_realtime(
+        config.model or GROK_MODEL,
+        config.url or GROK_URL,
+        ping_interval_s=config.ping_interval_s,
+        ping_timeout_s=config.ping_timeout_s,
+    )
+
+
+def _grok_secrets(api_key: str, config: RealtimeConfig) -> TokenSource:
+    base = config.ephemeral_tokens if isinstance(config.ephemeral_tokens, str) else None
+    return EphemeralTokens(
+        api_key,
+        base or http_base(config.url or GROK_URL),
+        config.model or GROK_MODEL,
+        endpoint=SecretsEndpoint(request=_xai_secret_request),
+    )
+
+
+def _xai_secret_request(ttl_s: int, model: str) -> dict[str, Any]:
+    # xAI takes only the lifetime (no session, no anchor); the model is picked on connect.
+    return {"expires_after": {"seconds": ttl_s}}
+
+
+def _azure_url(config: RealtimeConfig) -> str:
+    if config.url is None:  # config checks refuse this; a direct caller learns here
+        raise ProviderUnavailable(f"provider azure needs realtime.url ({AZURE_URL_SHAPE})")
+    return config.url
+
+
+def _azure(config: RealtimeConfig) -> RealtimeAdapter:
+    from harkd.adapters.azure import azure_realtime
+
+    return azure_realtime(
+        _azure_url(config),
+        config.model or AZURE_MODEL,
+        ping_interval_s=config.ping_interval_s,
+        ping_timeout_s=config.ping_timeout_s,
+    )
+
+
+def _azure_secrets(api_key: str, config: RealtimeConfig) -> TokenSource:
+    from harkd.adapters.azure import AZURE_SECRETS
+
+    base = config.ephemeral_tokens if isinstance(config.ephemeral_tokens, str) else None
+    return EphemeralTokens(
+        api_key,
+        base or http_base(_azure_url(config)),
+        config.model or AZURE_MODEL,
+        endpoint=AZURE_SECRETS,
+    )
+
+
+def _azure_check(config: RealtimeConfig) -> None:
+    if config.url is None:
+        raise ValueError(f"realtime.url: required for provider azure ({AZURE_URL_SHAPE})")
+
+
+ELEVENLABS_URL = "wss://api.elevenlabs.io/v1/convai/conversation"
+ELEVENLABS_AGENT_VOICE = "agent"
+"""ElevenLabs' default `realtime.voice`: the agent's own voice (no override is sent)."""
+
+
+def _elevenlabs(config: RealtimeConfig) -> RealtimeAdapter:
+    from harkd.adapters.elevenlabs import ElevenLabsAdapter
+
+    assert config.agent_id is not None  # _elevenlabs_check refused the config otherwise
+    return ElevenLabsAdapter(
+        config.agent_id,
+        config.url or ELEVENLABS_URL,
+        ping_interval_s=config.ping_interval_s,
+        ping_timeout_s=config.ping_timeout_s,
+    )
+
+
+def _elevenlabs_check(config: RealtimeConfig) -> None:
+    if not config.agent_id:
+        raise ValueError("realtime.agent_id: required for provider elevenlabs")
+
+
+GEMINI_URL = (
+    "wss://generativelanguage.googleapis.com/ws/"
+    "google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent"
+)
+GEMINI_MODEL = "gemini-3.8-live"
+GEMINI_VOICE = "Puck"
+
+
+def _gemini(config: RealtimeConfig) -> RealtimeAdapter:
+    from harkd.adapters.gemini import GeminiLiveAdapter
+
+    return GeminiLiveAdapter(
+        config.model or GEMINI_MODEL,
+        config.url or GEMINI_URL,
+        ping_interval_s=config.ping_interval_s,
+        ping_timeout_s=config.ping_timeout_s,
+    )
+
+
 BUILTIN: dict[str, Provider] = {
     "openai": Provider(
         "openai",
@@ -81,6 +205,55 @@ BUILTIN: dict[str, Provider] = {
         voice=OPENAI_VOICE,
         needs_api_key=True,
         mint_tokens=_openai_secrets,
+        fake="harkd.testing.fake_server:FakeRealtimeServer",
+        session_limit_s=OPENAI_SESSION_LIMIT_S,
+    ),
+    "azure": Provider(
+        "azure",
+        _azure,
+        model=AZURE_MODEL,
+        voice=OPENAI_VOICE,
+        needs_api_key=True,
+        mint_tokens=_azure_secrets,
+        check=_azure_check,
+        fake="harkd.testing.fake_dialects:FakeAzureServer",
+        key_variable="AZURE_OPENAI_API_KEY",
+        session_limit_s=OPENAI_SESSION_LIMIT_S,
+    ),
+    "grok": Provider(
+        "grok",
+        _grok,
+        url=GROK_URL,
+        model=GROK_MODEL,
+        voice=GROK_VOICE,
+        needs_api_key=True,
+        mint_tokens=_grok_secrets,
+        turn_detection=frozenset({"server_vad", "manual"}),
+        fake="harkd.testing.fake_dialects:FakeGrokServer",
+        key_variable="XAI_API_KEY",
+        session_limit_s=GROK_SESSION_LIMIT_S,
+    ),
+    "gemini": Provider(
+        "gemini",
+        _gemini,
+        url=GEMINI_URL,
+        model=GEMINI_MODEL,
+        voice=GEMINI_VOICE,
+        needs_api_key=True,
+        # No semantic VAD: the server's activity detection or harkd's own turns.
+        turn_detection=frozenset({"server_vad", "manual"}),
+        fake="harkd.testing.gemini_fake:GeminiFakeServer",
+    ),
+    # A public agent needs no key; with realtime.api_key harkd fetches a signed URL
+    # (private agents). The agent's own turn model decides every turn.
+    "elevenlabs": Provider(
+        "elevenlabs",
+        _elevenlabs,
+        url=ELEVENLABS_URL,
+        voice=ELEVENLABS_AGENT_VOICE,
+        turn_detection=frozenset({"server_vad"}),
+        check=_elevenlabs_check,
+        fake="harkd.testing.elevenlabs_fake:ElevenLabsFakeServer",
     ),
 }
 
@@ -113,7 +286,9 @@ def find_provider(name: str) -> Provider:
         ) from exc
     if not callable(factory):
         raise ProviderUnavailable(f"provider {name!r}: {entry.value} is not callable")
-    return Provider(name, factory)
+    # A third party names its fake (`module:attribute`) on the factory, if it has one.
+    fake = getattr(factory, "harkd_fake", None)
+    return Provider(name, factory, fake=fake if isinstance(fake, str) else None)
 
 
 def build_adapter(config: RealtimeConfig) -> RealtimeAdapter:

@@ -1,7 +1,7 @@
 """The capture pipeline: small stages between the microphone and the provider.
 
-    (conditioning: echo cancel) -> meter -> gate -> resample to 16 kHz
-          -> (analysis: wake word) -> endpointer -> provider rate
+    (conditioning: echo cancel) -> meter -> [16 kHz -> wake word -> ear]
+          -> gate -> resample to 16 kHz -> endpointer -> provider rate
 
 Every stage is a plain object that takes an `AudioFrame` (which carries its own
 sample rate) and hands one on, or None to stop it there; none does I/O or touches the
@@ -10,10 +10,15 @@ audio: with echo cancellation on, the level shown is what the assistant listens 
 The provider-rate stage converts the gated frame itself, not the 16 kHz analysis
 copy, so the provider hears the full band.
 
+The wake word detector hears every frame, before the half-duplex gate, so that the
+wake word can stop an answer; behind it the ear lets nothing on while the device waits
+for a wake word (the privacy invariant: no audio from before one ever leaves).
+
 `CapturePipeline.push` returns what the client must do with one captured frame: PCM to
-stream now (the server decides turns), or the endpointer's turn events (the device
-decides turns). Stages marked `heavy` (inference, echo cancellation) make the whole
-push run in a worker thread, off the event loop; numpy and the models release the GIL.
+stream now (the server decides turns), the endpointer's turn events (the device
+decides turns), and wake words heard. Stages marked `heavy` (inference, echo
+cancellation) make the whole push run in a worker thread, off the event loop; numpy
+and the models release the GIL.
 """
 
 from __future__ import annotations
@@ -26,12 +31,14 @@ from harkd.audio.base import VAD_RATE, AudioFrame
 from harkd.audio.meter import LevelMeter
 from harkd.audio.resample import StreamResampler
 from harkd.audio.vad import Endpointer, VadEvent
+from harkd.audio.wakeword import WakeDetection
 
 VAD_FRAME_MS = 20
 """The endpointer's frame: webrtcvad takes whole 10, 20 or 30 ms frames."""
 
-CaptureOutput = bytes | VadEvent
-"""PCM (at the provider's rate) to stream now, or a turn event of the endpointer."""
+CaptureOutput = bytes | VadEvent | WakeDetection
+"""PCM (at the provider's rate) to stream now, a turn event of the endpointer, or a
+wake word heard."""
 
 
 class Stage(Protocol):
@@ -51,6 +58,13 @@ class EchoCanceller(Protocol):
     @property
     def echo_free(self) -> bool:
         """True once its output no longer carries the assistant's voice (converged)."""
+
+
+class WakeStage(Stage, Protocol):
+    """A wake word detector: looks at every 16 kHz frame, reports what it heard."""
+
+    def take(self) -> list[WakeDetection]:
+        """The wake words heard since the last call."""
 
 
 class Meter:
@@ -144,42 +158,50 @@ class CapturePipeline:
     endpoint: Endpoint | None = None
     conditioning: Sequence[Stage] = ()
     """Before the meter and the gate (echo cancellation)."""
-    analysis: Sequence[Stage] = ()
-    """On the 16 kHz frame, before the endpointer (wake word)."""
+    wake: WakeStage | None = None
+    """Hears every conditioned frame at 16 kHz, before the gate."""
+    listening: Callable[[], bool] = lambda: True
+    """The ear: False while waiting for a wake word (nothing goes on)."""
 
     @property
     def off_loop(self) -> bool:
         """Whether `push` should run in a worker thread."""
-        return any(stage.heavy for stage in (*self.conditioning, *self.analysis))
+        stages = (*self.conditioning, *((self.wake,) if self.wake is not None else ()))
+        return any(stage.heavy for stage in stages)
 
-    def push(self, frame: AudioFrame) -> Sequence[CaptureOutput]:
+    def push(self, frame: AudioFrame) -> list[CaptureOutput]:
         """Everything one captured frame leads to, in order."""
         conditioned = frame
         for stage in self.conditioning:
             processed = stage.process(conditioned)
             if processed is None:
-                return ()
+                return []
             conditioned = processed
         self.meter.process(conditioned)
+        outputs: list[CaptureOutput] = []
+        frame16k: AudioFrame | None = None
+        if self.wake is not None:
+            # Fed every frame (the resampler keeps state): the endpointer reuses it.
+            frame16k = self.to_analysis.process(conditioned)
+            self.wake.process(frame16k)
+            outputs += self.wake.take()
+            if not self.listening():
+                return outputs
         was_shut = self.gate.shut
         gated = self.gate.process(conditioned)
         if gated is None:
             if self.gate.shut and not was_shut and self.endpoint is not None:
                 self.endpoint.gate_shut()
-            return ()
-        analysed: AudioFrame | None = None
-        if self.analysis or self.endpoint is not None:
-            analysed = self.to_analysis.process(gated)
-            for stage in self.analysis:
-                if analysed is None:
-                    return ()
-                analysed = stage.process(analysed)
+            return outputs
         payload = self.to_provider.process(gated).pcm
         if self.endpoint is None:
-            return (payload,) if payload else ()
-        if analysed is None:
-            return ()
-        return self.endpoint.process(analysed, payload)
+            if payload:
+                outputs.append(payload)
+            return outputs
+        if frame16k is None:
+            frame16k = self.to_analysis.process(gated)
+        outputs += self.endpoint.process(frame16k, payload)
+        return outputs
 
 
 def capture_pipeline(
@@ -189,7 +211,8 @@ def capture_pipeline(
     is_shut: Callable[[], bool],
     endpoint: Endpoint | None = None,
     conditioning: Sequence[Stage] = (),
-    analysis: Sequence[Stage] = (),
+    wake: WakeStage | None = None,
+    listening: Callable[[], bool] = lambda: True,
 ) -> CapturePipeline:
     """The pipeline for a microphone at `input_rate`, assembled in one place."""
     return CapturePipeline(
@@ -199,5 +222,6 @@ def capture_pipeline(
         to_provider=Resample(input_rate, provider_rate),
         endpoint=endpoint,
         conditioning=conditioning,
-        analysis=analysis,
+        wake=wake,
+        listening=listening,
     )

@@ -40,6 +40,18 @@ Decision rules (frames of `frame_ms`, durations rounded up to whole frames):
 - For `WARMUP_MS` after construction and `reset` no frame counts as speech: a fresh
   webrtcvad calls the first frame of any steady noise speech (plus its hangover),
   which in a room with a fan would open a turn on every reset.
+- After a wake word: `open_armed` opens a turn at once, so everything said after the
+  wake word is streamed (nothing of it is lost to the opening decision), but the turn
+  is armed: it counts no speech and does not close on silence until the opening rule
+  above is met; with no speech within its wait it is dropped.
+- A hold-off keeps an armed turn from starting on a sound of the device's own (the
+  wake chime, `hold_off`) or on a fresh VAD's first frames: for its length no frame
+  starts the turn, but its speech frames are counted. The sound explains at most its
+  own length plus the short-sound hangover of speech; if more than that plus the
+  opening's speech was heard, the user spoke over it and the turn starts when the
+  hold-off ends. It lasts a window longer than the sound could be heard, so the sound
+  alone has left the opening window by then. Nothing of what was said is lost either
+  way: an armed turn streams every frame.
 - Push-to-talk: `open_now` opens a turn regardless of the VAD with the last
   `preroll_ms` as preroll; such a turn does not close on silence, only on
   `close_now` (`"manual"`) or at `max_turn_s`, and all of its audio counts as
@@ -130,6 +142,7 @@ class Endpointer:
         samples = VAD_RATE * frame_ms // 1000
         self._frame_bytes = 2 * samples
         hangover = _SHORT_HANGOVER_FRAMES[config.aggressiveness][frame_ms]
+        self._hangover = hangover
         self._start_frames = _frames(config.start_ms, frame_ms) + hangover
         window = self._start_frames + 1  # one non-speech frame tolerated
         self._window_mask = (1 << window) - 1
@@ -151,6 +164,11 @@ class Endpointer:
         self._window = 0
         self._open = False
         self._manual = False
+        self._armed = False
+        self._wait_left = 0
+        self._hold_left = 0
+        self._hold_speech = 0
+        self._hold_explained = 0
         self._turn_frames = 0
         self._speech_frames = 0
         self._silent_run = 0
@@ -191,6 +209,8 @@ class Endpointer:
             return []
 
         self._turn_frames += 1
+        if self._armed:
+            return self._armed_frame(speech, payload)
         if speech:
             self._speech_frames += 1
             self._silent_run = 0
@@ -216,11 +236,59 @@ class Endpointer:
         self._start_turn(manual=True, turn_frames=0, speech_frames=0)
         return [TurnOpened(preroll)]
 
+    def open_armed(self, wait_ms: float) -> list[VadEvent]:
+        """A wake word was heard: open an armed turn now (see the module docstring),
+        dropped unless speech starts within `wait_ms`; whatever was open before is
+        forgotten."""
+        self.reset()
+        # The fresh VAD's first frames are held off rather than lost to a warm-up.
+        self._warmup_left = 0
+        self._hold_left = self._warmup_frames
+        self._hold_explained = 1 + self._hangover
+        self._start_turn(manual=False, turn_frames=0, speech_frames=0)
+        self._armed = True
+        self._wait_left = _frames(wait_ms, self._frame_ms)
+        return [TurnOpened(())]
+
+    def hold_off(self, sound_ms: float, latency_ms: float) -> None:
+        """While the turn is armed, a sound of the device's own, `sound_ms` long and
+        heard within `latency_ms` of now, cannot start it (see the module docstring).
+        Once speech started it changes nothing: the user talks."""
+        if not self._armed:
+            return
+        window = self._window_mask.bit_length()  # the sound must have left it
+        heard_for = _frames(sound_ms + latency_ms, self._frame_ms) + window
+        self._hold_left = max(self._hold_left, heard_for)
+        self._hold_explained += _frames(sound_ms, self._frame_ms) + self._hangover
+
     def close_now(self) -> list[VadEvent]:
         """Push-to-talk released: close the open turn (nothing when none is open)."""
         if not self._open:
             return []
         return [self._close("manual")]
+
+    def _armed_frame(self, speech: bool, payload: bytes) -> list[VadEvent]:
+        self._window = ((self._window << 1) | speech) & self._window_mask
+        started = 0
+        if self._hold_left:
+            self._hold_left -= 1
+            self._hold_speech += speech
+            if not self._hold_left:
+                # More speech than the held-off sound explains: the user talked over it.
+                over = self._hold_speech - self._hold_explained
+                started = over if over >= self._start_frames else 0
+                self._hold_speech = self._hold_explained = 0
+        elif speech and self._window.bit_count() >= self._start_frames:
+            started = self._window.bit_count()
+        if started:
+            self._armed = False  # speech started: from here on an ordinary turn
+            self._speech_frames = started
+            self._window = 0
+            return [TurnAudio(payload)]
+        self._wait_left -= 1
+        if self._wait_left <= 0 or self._turn_frames >= self._max_frames:
+            return [TurnAudio(payload), self._close("silence")]  # no speech: dropped
+        return [TurnAudio(payload)]
 
     def _is_speech(self, pcm16k: bytes) -> bool:
         if not self._vad.is_speech(pcm16k, VAD_RATE):
@@ -259,7 +327,7 @@ class Endpointer:
     def _close(self, reason: CloseReason) -> VadEvent:
         speech_ms = self.speech_ms
         self._open = False
-        self._manual = False
+        self._manual = self._armed = False
         self._turn_frames = self._speech_frames = self._silent_run = 0
         if speech_ms < MIN_COMMIT_MS:
             return TurnDropped(speech_ms)

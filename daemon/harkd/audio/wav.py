@@ -283,6 +283,12 @@ class NullOutput(_PacedOutput):
         super().__init__("null", rate, period_ms, volume, source_rate)
 
 
+def read_wav(path: Path, channel: int = 0) -> tuple[bytes, int]:
+    """One channel of a PCM16 WAV file and its rate; ValueError naming the file."""
+    _, rate = _check_wav(path, channel)
+    return _read_channel(path, channel), rate
+
+
 def _check_wav(path: Path, channel: int) -> tuple[int, int]:
     """(channels, rate) of a PCM16 WAV; ValueError naming the file otherwise."""
     try:

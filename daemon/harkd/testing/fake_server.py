@@ -221,7 +221,7 @@ class VadEvent:
 
 
 class EnergyVad:
-    """Energy VAD over PCM16 in 10 ms frames: I/O free, fed incrementally.
+    """Energy VAD over PCM16 (at `rate` Hz) in 10 ms frames: I/O free, fed incrementally.
 
     Speech starts after ``start_ms`` of consecutive frames above ``rms_threshold`` (full
     scale 1.0); it stops after ``silence_ms`` of frames below. ``audio_start_ms`` is the
@@ -230,8 +230,16 @@ class EnergyVad:
 
     FRAME_MS = 10
 
-    def __init__(self, rms_threshold: float, *, start_ms: int = 60, silence_ms: int = 500) -> None:
+    def __init__(
+        self,
+        rms_threshold: float,
+        *,
+        start_ms: int = 60,
+        silence_ms: int = 500,
+        rate: int = SAMPLE_RATE,
+    ) -> None:
         self.rms_threshold = rms_threshold
+        self.bytes_per_ms = rate * 2 // 1000
         self.start_ms = start_ms
         self.silence_ms = silence_ms
         self.in_speech = False
@@ -247,7 +255,7 @@ class EnergyVad:
 
     def feed(self, pcm: bytes) -> list[VadEvent]:
         """Consume PCM16 bytes; return the boundaries they complete."""
-        frame_bytes = self.FRAME_MS * BYTES_PER_MS
+        frame_bytes = self.FRAME_MS * self.bytes_per_ms
         data = self._pending + pcm
         usable = len(data) - len(data) % frame_bytes
         self._pending = data[usable:]
@@ -359,7 +367,20 @@ class FakeRealtimeServer:
     60 minutes). ``strict`` validates every client event against the ``openai`` models.
     ``record=False`` keeps :attr:`received` empty (long-running demos). ``clock`` is the
     wall clock used for ephemeral key expiry (injectable for tests).
+
+    A provider that speaks OpenAI's events with its own differences (xAI Grok, Azure)
+    gets its fake by subclassing and overriding the class attributes, the few hooks
+    under "provider differences" and ``mint_secret`` (see ``fake_dialects``).
     """
+
+    provider = "openai"
+    """The ``realtime.provider`` this fake stands in for."""
+    realtime_path = REALTIME_PATH
+    secrets_path = SECRETS_PATH
+    default_model = DEFAULT_MODEL
+    default_voice = DEFAULT_VOICE
+    rejects_at_handshake = False
+    """A bad key gets HTTP 401 instead of an ``error`` event and close 3000."""
 
     def __init__(
         self,
@@ -441,17 +462,52 @@ class FakeRealtimeServer:
     @property
     def url(self) -> str:
         """``ws://HOST:PORT/v1/realtime`` (the daemon adds ``?model=``)."""
-        return f"ws://{self.host}:{self.port}{REALTIME_PATH}"
+        return f"ws://{self.host}:{self.port}{self.realtime_path}"
 
     @property
     def http_url(self) -> str:
-        """Base URL of the HTTP endpoint: POST ``{http_url}/v1/realtime/client_secrets``."""
+        """Base URL of the HTTP endpoint: POST ``{http_url}{secrets_path}``."""
         return f"http://{self.host}:{self._http.port}"
 
     @property
     def api_base(self) -> str:
         """``{http_url}/v1``: usable as the ``openai`` SDK's ``base_url``."""
         return f"{self.http_url}/v1"
+
+    def realtime_config(self, api_key: str) -> dict[str, Any]:
+        """The `realtime:` section that points harkd at this server with `api_key`."""
+        return {"provider": self.provider, "url": self.url, "api_key": api_key}
+
+    # ---- provider differences (hooks a subclass overrides)
+
+    def credential(self, headers: Headers) -> str | None:
+        """The key a websocket handshake presents."""
+        return _bearer(headers)
+
+    def http_credential(self, headers: Mapping[str, str]) -> str | None:
+        """The key a client-secrets request presents (lower-cased header names)."""
+        return _bearer_value(headers.get("authorization"))
+
+    def validate_event(self, event: Event) -> None:
+        """Raise ``ClientEventInvalid`` for a client event the real service rejects."""
+        validate_client_event(event)
+
+    def session_from_wire(self, session: Event) -> Event:
+        """A ``session.update``'s session as the GA shape this fake keeps internally."""
+        return session
+
+    def session_to_wire(self, config: Event) -> Event:
+        """The internal GA session as the provider reports it."""
+        return config
+
+    def greeting(self, config: Event) -> Event:
+        """The first server event of a connection."""
+        return {"type": "session.created", "session": self.session_to_wire(config)}
+
+    @property
+    def audio_ms_received(self) -> float:
+        """Microphone audio received so far, over all sessions, in milliseconds."""
+        return sum(session.audio_ms_received for session in self.sessions)
 
     # ---- injection
 
@@ -550,16 +606,25 @@ class FakeRealtimeServer:
 
     # ---- websocket
 
-    def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
-        if urlsplit(request.path).path.rstrip("/") != REALTIME_PATH:
+    async def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
+        if urlsplit(request.path).path.rstrip("/") != self.realtime_path:
             return ws.respond(404, "Not Found\n")
-        return None
+        if not self.rejects_at_handshake:
+            return None
+        accepted, _, reason = self._key_ok(self.credential(request.headers))
+        if accepted:
+            return None
+        session = FakeSession(index=len(self.sessions), model="", authorized=False, connected=False)
+        self.sessions.append(session)
+        await self._notify()
+        logger.info("connection %d refused at the handshake: %s", session.index, reason)
+        return ws.respond(401, f"{reason}\n")
 
     async def _handle_ws(self, ws: ServerConnection) -> None:
         assert ws.request is not None
         query = parse_qs(urlsplit(ws.request.path).query)
-        model = query.get("model", [DEFAULT_MODEL])[0]
-        accepted, overrides, reason = self._key_ok(_bearer(ws.request.headers))
+        model = query.get("model", [self.default_model])[0]
+        accepted, overrides, reason = self._key_ok(self.credential(ws.request.headers))
         session = FakeSession(index=len(self.sessions), model=model, authorized=accepted)
         self.sessions.append(session)
         await self._notify()
@@ -599,24 +664,26 @@ class FakeRealtimeServer:
     # ---- HTTP: ephemeral keys
 
     async def _handle_http(self, request: HttpRequest) -> HttpReply:
-        if request.path.rstrip("/") != SECRETS_PATH:
+        if request.path.rstrip("/") != self.secrets_path:
             return HttpReply(404, _http_error("Not found", "invalid_request_error", None))
         if request.method != "POST":
             return HttpReply(405, _http_error("Method not allowed", "invalid_request_error", None))
-        key = _bearer_value(request.headers.get("authorization"))
+        key = self.http_credential(request.headers)
         if self.api_keys is not None and key not in self.api_keys:
             message = "Incorrect API key provided."
             return HttpReply(401, _http_error(message, "invalid_request_error", "invalid_api_key"))
         try:
             body = json.loads(request.body or b"{}")
-            return HttpReply(200, self._mint(body))
+            return HttpReply(200, self.mint_secret(body))
         except (ValueError, TypeError, _ProtocolError) as exc:
             param = exc.param if isinstance(exc, _ProtocolError) else None
             error = _http_error(str(exc), "invalid_request_error", "invalid_value")
             error["error"]["param"] = param
             return HttpReply(400, error)
 
-    def _mint(self, body: Any) -> dict[str, Any]:
+    def mint_secret(self, body: Any) -> dict[str, Any]:
+        """A client-secrets request body -> the reply (a provider hook; raises
+        ``ValueError``, ``TypeError`` or a protocol error for a request it refuses)."""
         if not isinstance(body, dict):
             raise TypeError("body must be a JSON object")
         seconds = body.get("expires_after", {}).get("seconds", 600)
@@ -629,16 +696,24 @@ class FakeRealtimeServer:
             raise _ProtocolError("invalid_value", "session.type must be 'realtime'", "session.type")
         if self.strict:
             try:
-                validate_client_event({"type": "session.update", "session": requested})
+                self.validate_event({"type": "session.update", "session": requested})
             except ClientEventInvalid as exc:
                 raise _ProtocolError(exc.code, exc.message, exc.param) from exc
-        now = self.clock()
-        expires_at = int(now) + seconds
-        value = f"ek_{secrets.token_hex(16)}"
-        self.secrets[value] = _Secret(expires_at, copy.deepcopy(requested))
-        model = requested.get("model") or DEFAULT_MODEL
-        session = _merge_session(_default_session(model, expires_at), requested)
+        expires_at, value = self._new_secret(seconds, requested)
+        model = requested.get("model") or self.default_model
+        session = _merge_session(self.default_session(model, expires_at), requested)
         return {"value": value, "expires_at": expires_at, "session": session}
+
+    def _new_secret(self, seconds: int, session: dict[str, Any]) -> tuple[int, str]:
+        """Remember a new client secret for ``session`` overrides; (expires_at, value)."""
+        expires_at = int(self.clock()) + seconds
+        value = f"ek_{secrets.token_hex(16)}"
+        self.secrets[value] = _Secret(expires_at, copy.deepcopy(session))
+        return expires_at, value
+
+    def default_session(self, model: str, expires_at: int) -> Event:
+        """A new connection's session (GA shape) before any ``session.update``."""
+        return _default_session(model, expires_at, self.default_voice)
 
 
 # --------------------------------------------------------------------------- connection
@@ -662,7 +737,7 @@ class _Connection:
         model = (overrides or {}).get("model") or session.model
         session.model = model
         expires_in = server.max_session_s if server.max_session_s is not None else 3600
-        session.config = _default_session(model, int(server.clock() + expires_in))
+        session.config = server.default_session(model, int(server.clock() + expires_in))
         if overrides:
             session.config = _merge_session(session.config, overrides)
         self.meta: dict[str, _ItemMeta] = {}
@@ -684,7 +759,7 @@ class _Connection:
         if self.server.max_session_s is not None:
             expiry = asyncio.create_task(self._expire(self.server.max_session_s), name="expiry")
         try:
-            await self.send({"type": "session.created", "session": self.state.config})
+            await self.send(self.server.greeting(self.state.config))
             async for message in self.ws:
                 await self._on_message(message)
         except ConnectionClosed:
@@ -756,7 +831,7 @@ class _Connection:
                 raise _ProtocolError("missing_required_parameter", "Missing 'type'.", "type")
             return
         try:
-            validate_client_event(event)
+            self.server.validate_event(event)
         except ClientEventInvalid as exc:
             raise _ProtocolError(exc.code, exc.message, exc.param) from exc
 
@@ -778,7 +853,7 @@ class _Connection:
     # ---- session
 
     async def _session_update(self, event: Event) -> None:
-        update = event["session"]
+        update = self.server.session_from_wire(event["session"])
         if update.get("type") != "realtime":
             raise _ProtocolError(
                 "invalid_value", "Only 'realtime' sessions are supported here.", "session.type"
@@ -801,7 +876,9 @@ class _Connection:
             )
         self.state.config = _merge_session(self.state.config, update)
         self.vad = self._make_vad(self.vad)
-        await self.send({"type": "session.updated", "session": self.state.config})
+        await self.send(
+            {"type": "session.updated", "session": self.server.session_to_wire(self.state.config)}
+        )
 
     def _voice(self) -> Any:
         return self.state.config["audio"]["output"].get("voice")
@@ -1439,7 +1516,7 @@ def _rate_limits_event() -> Event:
     }
 
 
-def _default_session(model: str, expires_at: int) -> dict[str, Any]:
+def _default_session(model: str, expires_at: int, voice: str = DEFAULT_VOICE) -> dict[str, Any]:
     """The GA session object the real service reports in ``session.created``."""
     pcm = {"type": "audio/pcm", "rate": SAMPLE_RATE}
     return {
@@ -1465,7 +1542,7 @@ def _default_session(model: str, expires_at: int) -> dict[str, Any]:
                 "noise_reduction": None,
                 "turn_detection": dict(_SERVER_VAD_DEFAULTS),
             },
-            "output": {"format": dict(pcm), "voice": DEFAULT_VOICE, "speed": 1.0},
+            "output": {"format": dict(pcm), "voice": voice, "speed": 1.0},
         },
     }
 

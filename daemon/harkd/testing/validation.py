@@ -81,7 +81,7 @@ def validate_client_event(event: Mapping[str, Any]) -> None:
     try:
         model = adapter.validate_python(dict(event))
     except ValidationError as exc:
-        raise _from_validation_error(exc, event) from exc
+        raise from_validation_error(exc, event) from exc
     for path in _extra_paths(model, ()):
         dotted = _dotted(path)
         raise ClientEventInvalid(
@@ -116,7 +116,7 @@ def _dotted(path: Sequence[str | int]) -> str:
     return out
 
 
-def _from_validation_error(exc: Any, event: Mapping[str, Any]) -> ClientEventInvalid:
+def from_validation_error(exc: Any, event: Mapping[str, Any]) -> ClientEventInvalid:
     """Turn the first pydantic error into the provider's error vocabulary."""
     error = exc.errors()[0]
     path = _input_path(error["loc"], event)
