@@ -1,6 +1,6 @@
 """`make bench`: every harkd benchmark in one invocation, against one fake realtime server.
 
-Phases (all on loopback, same machine, same run; about 13 minutes on 2 cores):
+Phases (all on loopback, same machine, same run; about 18 minutes on 2 cores):
 
 1. latency   `harkd run` on paced ALSA (PulseAudio null sink), 20 tool-calling turns:
              uplink, downlink and turn overhead (benchmarks/bench_session.py);
@@ -15,11 +15,17 @@ Phases (all on loopback, same machine, same run; about 13 minutes on 2 cores):
              turns side by side; CPU and peak RSS over the same 60 s window. Ratios
              are taken within each round, then the median over rounds is reported
              (5 rounds: on a shared machine one round can be 20% off either way);
-5. components bench_vad.py and bench_resample.py (CPU of the audio helpers);
-6. soak      benchmarks/bench_soak.py: 3000 tool-calling turns back to back; RSS
+5. wake      benchmarks/bench_wake.py: CPU of `harkd run` waiting for a wake word
+             (silent room, non-wake speech) beside the engine's own CLI, no traffic
+             with `connect: on_demand`; wake word end -> B/wake, first audio, session
+             open in the room; detection rate and false wakes on generated audio;
+6. components bench_vad.py and bench_resample.py (CPU of the audio helpers);
+7. soak      benchmarks/bench_soak.py: 3000 tool-calling turns back to back; RSS
              growth after the warm-up and the drift of the median turn latency;
-7. providers benchmarks/bench_providers.py: every built-in provider with a fake, the
-             same latency and CPU figures side by side (about 5 minutes).
+8. providers benchmarks/bench_providers.py: every built-in provider with a fake, the
+             same latency and CPU figures side by side (about 5 minutes);
+9. arbitration benchmarks/bench_arbitration.py: wake word -> verdict with 1, 2 and 5
+             devices on one broker.
 
 Prints a Markdown table and writes benchmarks/results/latest.json and latest.md.
 Every number in them is measured in this invocation.
@@ -47,12 +53,14 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "tests"))
 
+import bench_arbitration  # noqa: E402
 import bench_audio  # noqa: E402
 import bench_echo  # noqa: E402
 import bench_providers  # noqa: E402
 import bench_session as bs  # noqa: E402
 import bench_soak  # noqa: E402
 import bench_vad  # noqa: E402
+import bench_wake  # noqa: E402
 from pulse_fixture import PulseServer  # noqa: E402
 
 RESULTS = HERE / "results"
@@ -75,7 +83,7 @@ def machine() -> dict[str, Any]:
                 cpu = value.strip()
                 break
     versions = {}
-    for package in ("harkd", "openai", "openai-agents", "websockets", "numpy"):
+    for package in ("harkd", "openai", "openai-agents", "websockets", "numpy", "pymicro-wakeword"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[package] = importlib.metadata.version(package)
     commit = subprocess.run(
@@ -169,6 +177,8 @@ async def measure(workdir: Path, log: Any) -> dict[str, Any]:
                 rounds.append(await bs.cost_round(server, clients, workdir, COST_WINDOW_S))
             result["cost_rounds"] = rounds
             result["cost"] = summarize_cost(rounds, workdir)
+        log("wake: idle cost, latency in the room, accuracy (bench_wake)")
+        result["wake"] = await bench_wake.run(pulse, workdir, log)
     log("components: bench_vad, bench_resample")
     result["components"] = {"vad": bench_vad.run(seconds=60.0, repeats=3)}
     resample = subprocess.run(
@@ -183,6 +193,8 @@ async def measure(workdir: Path, log: Any) -> dict[str, Any]:
     result["soak"] = await bench_soak.soak()
     with PulseServer.start_new() as pulse:
         result["providers"] = await bench_providers.measure(pulse, workdir, log)
+    log("arbitration: 1, 2 and 5 devices on one broker (bench_arbitration)")
+    result["arbitration"] = await bench_arbitration.measure()
     return result
 
 
@@ -299,6 +311,8 @@ def verdicts(r: dict[str, Any]) -> list[tuple[str, str, str, str, bool | None]]:
             )
         )
     rows += echo_rows(r["echo"])
+    rows += bench_wake.rows(r["wake"])
+    rows += bench_arbitration.rows(r["arbitration"])
     rows += soak_rows(r["soak"])
     return rows
 
@@ -421,6 +435,12 @@ def markdown(r: dict[str, Any]) -> str:
             f"| {labels[name]}{extra} | {_fmt(c['cpu_percent'])} | {_fmt(c['peak_rss_mb'], '', 1)}"
             f" | {c['tool_turns']} | {c['responses']} |"
         )
+    pi = r["wake"]["idle"]["pi"]
+    lines += [
+        "",
+        f"Wake word: Pi Zero 2 W figures multiply this machine's by {pi['factor']:g} "
+        f"(plausible range {pi['range'][0]:g}-{pi['range'][1]:g}): {pi['basis']}",
+    ]
     vad = r["components"]["vad"]
     lines += [
         "",

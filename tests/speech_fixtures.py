@@ -46,20 +46,26 @@ def speech_wav(text: str, rate: int = 16000, voice: str = "en-us") -> Path:
     return _speech_file(text, rate, voice)
 
 
-def speech_pcm(text: str, rate: int = 16000, voice: str = "en-us") -> bytes:
-    """espeak-ng saying `text` as PCM16 mono at `rate`, without leading/trailing silence."""
-    return read_wav(_speech_file(text, rate, voice))[0]
+def speech_pcm(
+    text: str, rate: int = 16000, voice: str = "en-us", speed: int | None = None
+) -> bytes:
+    """espeak-ng saying `text` as PCM16 mono at `rate`, without leading/trailing silence.
+
+    `speed` is in words per minute (espeak-ng's own default, 175, when None).
+    """
+    return read_wav(_speech_file(text, rate, voice, speed))[0]
 
 
 @functools.cache
-def _speech_file(text: str, rate: int, voice: str) -> Path:
+def _speech_file(text: str, rate: int, voice: str, speed: int | None = None) -> Path:
     for tool in ("espeak-ng", "sox"):
         if shutil.which(tool) is None:
             raise RuntimeError(f"{tool} is not installed (`make system` installs it)")
     directory = _cache_dir()
-    stem = hashlib.sha256(f"{voice}\0{rate}\0{text}".encode()).hexdigest()[:16]
+    stem = hashlib.sha256(f"{voice}\0{rate}\0{speed}\0{text}".encode()).hexdigest()[:16]
     raw, converted = directory / f"{stem}-raw.wav", directory / f"{stem}.wav"
-    subprocess.run(["espeak-ng", "-v", voice, "-w", str(raw), text], check=True)
+    pace = [] if speed is None else ["-s", str(speed)]
+    subprocess.run(["espeak-ng", "-v", voice, *pace, "-w", str(raw), text], check=True)
     # -D: no dither, so silence stays digital zero and runs are reproducible.
     subprocess.run(
         ["sox", "-D", str(raw), "-r", str(rate), "-c", "1", "-b", "16", str(converted)],

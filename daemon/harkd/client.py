@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -44,7 +45,7 @@ from harkd.messages import (
 from harkd.notify import EventCallback, Problems, StateCallback, Subscribers
 from harkd.tokens import TokenSource
 from harkd.tools import Tool
-from harkd.wake import load_sound
+from harkd.wake import CHIME, load_sound
 
 __all__ = ["RealtimeClient"]
 
@@ -157,8 +158,10 @@ class RealtimeClient:
         self._capture.on_dropped = self._wake_dropped
         self._chime = b""
         self._chime_ms = 0.0
-        if self._wake is not None and audio_output is not None:
-            self._chime = load_sound(self._wake.sound, audio_output.source_rate)
+        if audio_output is not None:
+            # The wake word's sound, also played before announcements that ask for it.
+            sound = self._wake.sound if self._wake is not None else CHIME
+            self._chime = load_sound(sound, audio_output.source_rate)
             self._chime_ms = len(self._chime) / (audio_output.source_rate * 2 / 1000)
         self._last_wake: WakeHeard | None = None
         self.arbiter: Arbiter | None = None
@@ -167,6 +170,7 @@ class RealtimeClient:
         self._idle_disconnect_s = idle_disconnect_s
         self._last_activity = time.monotonic()
         self._pending: list[Callable[[], None]] = []
+        self._announcements: deque[tuple[str, bool]] = deque(maxlen=MAX_PENDING)
         self._run_task: asyncio.Task[None] | None = None
         self._owns_run_task = False
 
@@ -313,6 +317,14 @@ class RealtimeClient:
         """Make the assistant tell the user something (used by plugins)."""
         self._when_open(lambda: self._apply(self._session.say(text)))
 
+    def announce(self, text: str, chime: bool = False) -> None:
+        """Have the assistant read `text` out as it is, after the answer playing now
+        (if any), with the wake chime first if `chime`; `wake.follow_up_s` lets the
+        user reply. A session opens for it when none is."""
+        self._announcements.append((text, chime))
+        self._need_session()
+        self._announce_next()
+
     def set_mic_mute(self, muted: bool) -> None:
         """Mute: no microphone audio leaves the device (an open turn is closed)."""
         if self._capture.mute(muted):
@@ -367,7 +379,23 @@ class RealtimeClient:
         await stop_devices(self._input, self._output)
 
     def _changed(self) -> None:
+        if self._announcements:
+            self._announce_next()
         self._subscribers.changed(self.state)
+
+    def _announce_next(self) -> None:
+        """Start the next announcement once a session is open and the assistant is
+        quiet (announcements never cut an answer short)."""
+        if self._connection.conn is None or self._session.mode in (
+            RealtimeMode.SPEAKING,
+            RealtimeMode.THINKING,
+        ):
+            return
+        text, chime = self._announcements.popleft()
+        log.info("announcing: %s", text)
+        if chime and self._chime and self._output is not None:
+            self._output.play(CHIME_ITEM, self._chime)
+        self._apply(self._session.announce(text))
 
     # --- wake word and on-demand sessions ---------------------------------------------
 
@@ -485,6 +513,7 @@ class RealtimeClient:
             (ear is not None and ear.listening)
             or self._session.mode in (RealtimeMode.SPEAKING, RealtimeMode.THINKING)
             or bool(self._pending)
+            or bool(self._announcements)
         )
 
     async def _close_when_idle(self) -> None:

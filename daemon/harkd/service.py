@@ -274,6 +274,7 @@ class Daemon:
             config.state_dir,
             base_topic=f"{config.mqtt.base_topic}/{config.device.id}",
             say=self.client.say,
+            announce=self.client.announce,
             publish=self._publish if mqtt_on else None,
             subscribe=self._subscribe if mqtt_on else None,
             offer=live.offer,

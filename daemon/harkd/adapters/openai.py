@@ -139,8 +139,10 @@ def encode(command: ev.Command) -> dict[str, Any]:
             return {"type": "input_audio_buffer.clear"}
         case ev.EndTurn():
             return {"type": "input_audio_buffer.commit"}
-        case ev.RequestResponse():
+        case ev.RequestResponse(instructions=None):
             return {"type": "response.create"}
+        case ev.RequestResponse(instructions=instructions):
+            return {"type": "response.create", "response": {"instructions": instructions}}
         case ev.CancelResponse():
             return {"type": "response.cancel"}
         case ev.TruncateItem(item_id=item_id, heard_ms=heard_ms):
