@@ -7,6 +7,8 @@ Phases (all on loopback, same machine, same run; about 18 minutes on 2 cores):
 2. start-up  exec of `harkd run` -> READY=1 on the bench's NOTIFY_SOCKET, 7 times;
 3. barge-in  benchmarks/bench_audio.py's barge-in: stop -> room silent, and the
              played-ms the daemon would truncate at minus what the room heard;
+   echo      benchmarks/bench_echo.py: echo cancellation in the room where the mic
+             hears the speaker (ERLE, convergence, double talk, CPU, barge-in);
 4. cost      5 rounds; in each, `harkd run` and the peers (benchmarks/peers.py: the
              `openai` SDK realtime connection, the floor, and an `openai-agents`
              RealtimeRunner session) stream the same 64 s WAV with two tool-calling
@@ -53,6 +55,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import bench_arbitration  # noqa: E402
 import bench_audio  # noqa: E402
+import bench_echo  # noqa: E402
 import bench_providers  # noqa: E402
 import bench_session as bs  # noqa: E402
 import bench_soak  # noqa: E402
@@ -65,6 +68,7 @@ LATENCY_TURNS = 20
 STARTUP_RUNS = 7
 BARGE_IN_RUNS = 7
 COST_ROUNDS = 5
+ECHO_ROUNDS = 3
 COST_WINDOW_S = 60.0
 PEERS = ("openai", "agents")
 PERIOD_MS = 20  # audio.input.period_ms of the bench configs
@@ -157,6 +161,8 @@ async def measure(workdir: Path, log: Any) -> dict[str, Any]:
             result["startup"] = await bs.startup(server.url, pulse, workdir, STARTUP_RUNS)
             log(f"barge-in: {BARGE_IN_RUNS} runs (bench_audio.barge_in)")
             result["barge_in"] = await bench_audio.barge_in(pulse, 24000, BARGE_IN_RUNS)
+            log(f"echo cancellation: {ECHO_ROUNDS} rounds (bench_echo)")
+            result["echo"] = await bench_echo.measure(pulse, ECHO_ROUNDS, workdir)
             server.strict = True  # every client event of the cost rounds is validated
             wav = bs.cost_audio(workdir)
             rounds = []
@@ -304,10 +310,55 @@ def verdicts(r: dict[str, Any]) -> list[tuple[str, str, str, str, bool | None]]:
                 None,
             )
         )
+    rows += echo_rows(r["echo"])
     rows += bench_wake.rows(r["wake"])
     rows += bench_arbitration.rows(r["arbitration"])
     rows += soak_rows(r["soak"])
     return rows
+
+
+def echo_rows(echo: dict[str, Any]) -> list[tuple[str, str, str, str, bool | None]]:
+    """Echo cancellation in the PulseAudio room (bench_echo.py), medians over rounds."""
+    n = f"median of {len(echo['rounds'])} rounds"
+    erle, share = echo["erle_db"], echo["double_talk_share"]
+    return [
+        (
+            "Echo removed (ERLE) after convergence",
+            _fmt(erle, " dB", 1),
+            f"AEC3 alone {_fmt(echo['erle_aec3_db'], ' dB', 1)}, {n}",
+            ">= 25 dB",
+            erle is not None and erle >= 25,
+        ),
+        (
+            "Echo canceller: converged after",
+            _fmt(echo["converge_s"], " s", 1),
+            f"seconds of speaker audio, {n}",
+            "-",
+            None,
+        ),
+        (
+            "Double talk: user frames voiced while the assistant speaks",
+            _fmt(share, "", 3),
+            f"of those voiced in a quiet room; AEC3 alone "
+            f"{_fmt(echo['double_talk_share_aec3'], '', 3)}, {n}",
+            ">= 0.9",
+            share is not None and share >= 0.9,
+        ),
+        (
+            "Echo cancellation CPU per second of audio",
+            _fmt(echo["cpu_percent"], " %", 2),
+            f"of one core, 16 kHz mono, {n}",
+            "-",
+            None,
+        ),
+        (
+            "Barge-in latency with echo cancellation",
+            _fmt(echo["barge_in_ms"], " ms", 0),
+            f"user's speech onset -> speaker silent (fake server VAD), {n}",
+            "-",
+            None,
+        ),
+    ]
 
 
 def soak_rows(soak: dict[str, Any]) -> list[tuple[str, str, str, str, bool | None]]:

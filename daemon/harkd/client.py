@@ -25,7 +25,7 @@ from harkd.arbitration import Arbiter
 from harkd.audio import stop_devices
 from harkd.audio.base import AudioInput, AudioOutput, MeterReading
 from harkd.audio.meter import visualization
-from harkd.audio.pipeline import WakeStage
+from harkd.audio.pipeline import Stage, WakeStage
 from harkd.audio.wakeword import WakeDetection
 from harkd.backoff import Backoff
 from harkd.capture import Capture
@@ -95,11 +95,14 @@ class RealtimeClient:
         wake_detector: WakeStage | None = None,
         connect: Literal["always", "on_demand"] = "always",
         idle_disconnect_s: float = 60.0,
+        conditioning: Sequence[Stage] = (),
     ) -> None:
         """`wake` (enabled): audio leaves only after a wake word, heard by
         `wake_detector` (built from `wake` when not given). `connect="on_demand"`:
         no session while idle; one opens when needed and closes after
-        `idle_disconnect_s` of nothing."""
+        `idle_disconnect_s` of nothing. `conditioning`: capture stages that clean the
+        microphone's audio before anything else hears it
+        (`harkd.audio.echo.processing_stages`)."""
         self._input = audio_input
         self._output = audio_output
         self._volume = volume
@@ -148,6 +151,7 @@ class RealtimeClient:
             echo_tail_ms=echo_tail_ms,
             vad=(vad or VadConfig()) if vad_mode == "manual" else None,
             wake=self._wake_detector(wake, wake_detector),
+            conditioning=conditioning,
         )
         self._wake = wake if self._capture.ear is not None else None
         self._capture.on_wake = self._wake_heard
