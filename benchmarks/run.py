@@ -24,7 +24,8 @@ Phases (all on loopback, same machine, same run; about 18 minutes on 2 cores):
              growth after the warm-up and the drift of the median turn latency;
 8. providers benchmarks/bench_providers.py: every built-in provider with a fake, the
              same latency and CPU figures side by side (about 5 minutes);
-9. arbitration benchmarks/bench_arbitration.py: wake word -> verdict with 1, 2 and 5
+9. gemini    benchmarks/bench_providers_gemini.py: goAway -> resumed session and audio;
+10. arbitration benchmarks/bench_arbitration.py: wake word -> verdict with 1, 2 and 5
              devices on one broker.
 
 Prints a Markdown table and writes benchmarks/results/latest.json and latest.md.
@@ -57,6 +58,7 @@ import bench_arbitration  # noqa: E402
 import bench_audio  # noqa: E402
 import bench_echo  # noqa: E402
 import bench_providers  # noqa: E402
+import bench_providers_gemini  # noqa: E402
 import bench_session as bs  # noqa: E402
 import bench_soak  # noqa: E402
 import bench_vad  # noqa: E402
@@ -193,6 +195,8 @@ async def measure(workdir: Path, log: Any) -> dict[str, Any]:
     result["soak"] = await bench_soak.soak()
     with PulseServer.start_new() as pulse:
         result["providers"] = await bench_providers.measure(pulse, workdir, log)
+    log("gemini: goAway -> resumed audio (bench_providers_gemini)")
+    result["gemini_resume"] = await bench_providers_gemini.measure_go_away_resume()
     log("arbitration: 1, 2 and 5 devices on one broker (bench_arbitration)")
     result["arbitration"] = await bench_arbitration.measure()
     return result
@@ -313,6 +317,17 @@ def verdicts(r: dict[str, Any]) -> list[tuple[str, str, str, str, bool | None]]:
     rows += echo_rows(r["echo"])
     rows += bench_wake.rows(r["wake"])
     rows += bench_arbitration.rows(r["arbitration"])
+    resume = r["gemini_resume"]
+    rows.append(
+        (
+            "Gemini: goAway -> resumed session -> next answer's audio",
+            _fmt(resume["audio_ms_median"], " ms"),
+            f"resumed {resume['resume_ms_median']} ms (max {resume['resume_ms_max']}); "
+            f"{resume['resumed_sessions']}/{resume['rounds']} sessions resumed by handle",
+            "-",
+            None,
+        )
+    )
     rows += soak_rows(r["soak"])
     return rows
 
