@@ -7,13 +7,16 @@ daemon's clock plugin offers, streams ``--wav`` (PCM16 24 kHz mono) at real-time
 each tool call with one output and one ``response.create``, and reads every response
 (audio deltas decoded and counted, not played). On SIGTERM it prints a JSON summary.
 
+* ``bare``: the floor (issue 19): only ``websockets``, ``json`` and ``base64``; the same
+  handshake the SDK makes (``?model=``, ``Authorization: Bearer``, no deflate), the same
+  ``session.update``, appends and tool answers, every event parsed.
 * ``openai``: the ``openai`` SDK's own realtime connection
-  (``AsyncOpenAI(websocket_base_url=...).realtime.connect``): the thinnest client, the floor.
+  (``AsyncOpenAI(websocket_base_url=...).realtime.connect``).
 * ``agents``: an ``openai-agents`` ``RealtimeAgent`` + ``RealtimeRunner`` session, pointed
   at the server with ``model_config={"url": ...}`` (OpenAIRealtimeWebSocketModel),
   audio through ``session.send_audio``; the SDK runs the tool itself.
 
-Run: ``python benchmarks/peers.py {openai,agents} --url URL --wav PATH``.
+Run: ``python benchmarks/peers.py {bare,openai,agents} --url URL --wav PATH``.
 """
 
 from __future__ import annotations
@@ -81,6 +84,77 @@ class Stats:
         }
 
 
+def session_config() -> dict[str, Any]:
+    """The ``session`` of the ``session.update`` the ``bare`` and ``openai`` peers send."""
+    return {
+        "type": "realtime",
+        "output_modalities": ["audio"],
+        "instructions": INSTRUCTIONS,
+        "audio": {
+            "input": {
+                "format": {"type": "audio/pcm", "rate": RATE},
+                "turn_detection": {"type": "server_vad"},
+            },
+            "output": {"format": {"type": "audio/pcm", "rate": RATE}, "voice": "marin"},
+        },
+        "tools": [
+            {
+                "type": "function",
+                "name": TOOL,
+                "description": "Get the current local time, date and weekday.",
+                "parameters": {"type": "object", "properties": {}},
+            }
+        ],
+    }
+
+
+# --------------------------------------------------------------------------- bare floor
+
+
+async def run_bare(url: str, pcm: bytes, stop: asyncio.Event, stats: Stats) -> None:
+    from websockets.asyncio.client import connect
+
+    async with connect(
+        f"{url}?model=gpt-realtime",
+        additional_headers={"Authorization": f"Bearer {API_KEY}"},
+        max_size=None,
+        compression=None,  # as the SDK and harkd: no deflate on audio
+    ) as ws:
+        await ws.send(json.dumps({"type": "session.update", "session": session_config()}))
+
+        async def stream() -> None:
+            async for chunk in paced_chunks(pcm, stop):
+                audio = base64.b64encode(chunk).decode()
+                await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": audio}))
+
+        async def read() -> None:
+            async for message in ws:
+                event = json.loads(message)
+                kind = event.get("type")
+                if kind == "response.output_audio.delta":
+                    stats.audio_bytes += len(base64.b64decode(event["delta"]))
+                elif kind == "error":
+                    stats.errors.append(str(event.get("error", {}).get("code")))
+                elif kind == "response.done":
+                    stats.responses += 1
+                    output = event.get("response", {}).get("output") or []
+                    calls = [i for i in output if i.get("type") == "function_call"]
+                    for call in calls:
+                        stats.tool_calls += 1
+                        item = {
+                            "type": "function_call_output",
+                            "call_id": call.get("call_id") or "",
+                            "output": json.dumps(get_time_result()),
+                        }
+                        await ws.send(
+                            json.dumps({"type": "conversation.item.create", "item": item})
+                        )
+                    if calls:
+                        await ws.send(json.dumps({"type": "response.create"}))
+
+        await _until_stopped(stop, stream(), read())
+
+
 # --------------------------------------------------------------------------- openai SDK
 
 
@@ -90,28 +164,7 @@ async def run_openai(url: str, pcm: bytes, stop: asyncio.Event, stats: Stats) ->
     base = url.removesuffix("/realtime")  # the SDK appends /realtime?model=...
     client = AsyncOpenAI(api_key=API_KEY, websocket_base_url=base)
     async with client.realtime.connect(model="gpt-realtime") as conn:
-        await conn.session.update(
-            session={
-                "type": "realtime",
-                "output_modalities": ["audio"],
-                "instructions": INSTRUCTIONS,
-                "audio": {
-                    "input": {
-                        "format": {"type": "audio/pcm", "rate": RATE},
-                        "turn_detection": {"type": "server_vad"},
-                    },
-                    "output": {"format": {"type": "audio/pcm", "rate": RATE}, "voice": "marin"},
-                },
-                "tools": [
-                    {
-                        "type": "function",
-                        "name": TOOL,
-                        "description": "Get the current local time, date and weekday.",
-                        "parameters": {"type": "object", "properties": {}},
-                    }
-                ],
-            }
-        )
+        await conn.session.update(session=session_config())
 
         async def stream() -> None:
             async for chunk in paced_chunks(pcm, stop):
@@ -215,7 +268,7 @@ async def amain(kind: str, url: str, wav: Path) -> dict[str, Any]:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     stats = Stats()
-    runner = run_openai if kind == "openai" else run_agents
+    runner = {"bare": run_bare, "openai": run_openai, "agents": run_agents}[kind]
     try:
         await runner(url, pcm, stop, stats)
     except Exception as exc:
@@ -226,7 +279,7 @@ async def amain(kind: str, url: str, wav: Path) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("kind", choices=["openai", "agents"])
+    parser.add_argument("kind", choices=["bare", "openai", "agents"])
     parser.add_argument("--url", required=True)
     parser.add_argument("--wav", type=Path, required=True)
     args = parser.parse_args()

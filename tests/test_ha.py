@@ -359,3 +359,29 @@ async def test_a_typed_request_turns_the_kitchen_lights_on_through_harkds_mcp_pl
             ]
             assert outputs, "the model never got HassTurnOn's result"
         assert ha.token not in daemon.process.output
+
+
+# --------------------------------------------------------------------------- announcements
+
+
+async def test_an_announcement_from_home_assistant_is_spoken(
+    tmp_path: Path, broker: Mosquitto, home_assistant: HomeAssistant
+) -> None:
+    ha = home_assistant
+    message = "The washing machine is done."
+    script = FakeScript(reply_for_instructions=lambda text: text.rsplit(": ", 1)[-1])
+    async with harkd_daemon(tmp_path, broker, ha, "hall", script) as daemon:
+        with Recorder(broker, f"{daemon.base}/#") as rec:
+            async with ha.websocket() as ws:
+                # What an automation does: notify.send_message on harkd's notify entity.
+                await ws.call_service(
+                    "notify", "send_message", daemon.entities["announce"], message=message
+                )
+                said = await rec.wait_for(
+                    f"{daemon.base}/transcript/assistant",
+                    lambda m: json.loads(m.text)["text"] == message,
+                    SETTLE_S,
+                )
+    assert json.loads(said.text)["interrupted"] is False
+    creates = [e for _, e in daemon.server.received if e["type"] == "response.create"]
+    assert message in creates[-1]["response"]["instructions"]

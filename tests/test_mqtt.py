@@ -106,6 +106,9 @@ class FakeController:
     def send_image(self, data: str, mime_type: str) -> None:
         self._record("send_image", data, mime_type)
 
+    def announce(self, text: str, chime: bool = False) -> None:
+        self._record("announce", text, chime)
+
     def set_mic_mute(self, muted: bool) -> None:
         self._record("set_mic_mute", muted)
 
@@ -280,6 +283,17 @@ VALID_COMMANDS: list[tuple[str, bytes, tuple[Any, ...]]] = [
         json.dumps({"data": f"data:image/png;base64,{PNG}", "mime_type": "image/png"}).encode(),
         ("send_image", f"data:image/png;base64,{PNG}", "image/png"),
     ),
+    (
+        "announce",
+        b"The washing machine is done.",
+        ("announce", "The washing machine is done.", False),
+    ),
+    (
+        "announce",
+        json.dumps({"text": "Dinner is ready", "chime": True}).encode(),
+        ("announce", "Dinner is ready", True),
+    ),
+    ("announce", json.dumps({"text": "No chime"}).encode(), ("announce", "No chime", False)),
     ("mic_mute", b"ON", ("set_mic_mute", True)),
     ("mic_mute", b"off", ("set_mic_mute", False)),
     ("volume", b"0", ("set_volume", 0)),
@@ -303,6 +317,12 @@ BAD_COMMANDS: list[tuple[str, bytes, str]] = [
     ("image", json.dumps({"data": "no base64!", "mime_type": "image/png"}).encode(), "base64"),
     ("image", json.dumps({"data": "data:text/html,<b>", "mime_type": "image/png"}).encode(), "URL"),
     ("image", b'{"data": "' + b"A" * (1024 * 1024) + b'"}', "at most 1048576"),
+    ("announce", b"", "empty"),
+    ("announce", b'{"text": ""}', "empty"),
+    ("announce", b'{"text": 5}', "empty"),
+    ("announce", b'{"text": "hi", "chime": "yes"}', "chime must be true or false"),
+    ("announce", b"{not json", "not JSON"),
+    ("announce", b"x" * 4097, "at most 4096"),
     ("mic_mute", b"maybe", "ON or OFF"),
     ("mic_mute", b"true", "ON or OFF"),
     ("mic_mute", b"", "ON or OFF"),
@@ -498,6 +518,7 @@ def test_discovery_payload_describes_the_device_and_its_entities() -> None:
         "mic_mute": "switch",
         "volume": "number",
         "send_text": "text",
+        "announce": "notify",
     }
     for key, c in cmps.items():
         assert c["unique_id"] == f"harkd_kitchen_{key}"
@@ -521,6 +542,7 @@ def test_discovery_payload_describes_the_device_and_its_entities() -> None:
     assert (volume["state_topic"], volume["command_topic"]) == (f"{B}/volume", f"{B}/cmd/volume")
     assert cmps["send_text"]["command_topic"] == f"{B}/cmd/text"
     assert cmps["send_text"]["max"] == 255
+    assert cmps["announce"]["command_topic"] == f"{B}/cmd/announce"
     # No origin URL when the package declares none.
     assert "support_url" not in discovery_config(device, B, "1.2.3")["origin"]
 

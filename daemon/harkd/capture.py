@@ -1,7 +1,8 @@
 """Capture: the microphone's frames through the pipeline to the connection.
 
 It owns the mic gate's rules (mute; half duplex while the assistant speaks, plus an
-echo tail), runs the capture pipeline on every frame, streams audio (the server decides
+echo tail; full duplex with `barge_in`, and with an echo canceller only once it has
+converged), runs the capture pipeline on every frame, streams audio (the server decides
 turns) or acts on the local VAD's turn events (the device decides turns), and counts
 what it sends into the session's open turn.
 
@@ -25,6 +26,7 @@ from harkd.audio.base import AudioInput, MeterReading
 from harkd.audio.pipeline import (
     CaptureOutput,
     CapturePipeline,
+    EchoCanceller,
     Endpoint,
     Stage,
     WakeStage,
@@ -69,6 +71,7 @@ class Capture:
         self._echo_tail_s = echo_tail_ms / 1000
         self._endpoint = Endpoint(Endpointer(vad)) if vad is not None else None
         self._conditioning = conditioning
+        self._cancellers = [s for s in conditioning if isinstance(s, EchoCanceller)]
         self._wake = wake
         self._pipeline: CapturePipeline | None = None
         self._quiet_since = 0.0
@@ -165,10 +168,13 @@ class Capture:
     def _shut(self) -> bool:
         if self.muted:
             return True
-        if self._barge_in or self.holding:
+        if self.holding:
             # Held audio goes nowhere until the home decided; if this device answers,
             # the answer playing now stops and the words said over it count.
             return False
+        if self._barge_in and all(c.echo_free for c in self._cancellers):
+            return False
+        # Until a canceller has converged the mic would hear the assistant: half duplex.
         # Half duplex: while the assistant talks (and a tail after) the mic is shut.
         if self._session.speaking:
             return True

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -24,7 +25,7 @@ from harkd.arbitration import Arbiter
 from harkd.audio import stop_devices
 from harkd.audio.base import AudioInput, AudioOutput, MeterReading
 from harkd.audio.meter import visualization
-from harkd.audio.pipeline import WakeStage
+from harkd.audio.pipeline import Stage, WakeStage
 from harkd.audio.wakeword import WakeDetection
 from harkd.backoff import Backoff
 from harkd.capture import Capture
@@ -44,7 +45,7 @@ from harkd.messages import (
 from harkd.notify import EventCallback, Problems, StateCallback, Subscribers
 from harkd.tokens import TokenSource
 from harkd.tools import Tool
-from harkd.wake import load_sound
+from harkd.wake import CHIME, load_sound
 
 __all__ = ["RealtimeClient"]
 
@@ -94,11 +95,14 @@ class RealtimeClient:
         wake_detector: WakeStage | None = None,
         connect: Literal["always", "on_demand"] = "always",
         idle_disconnect_s: float = 60.0,
+        conditioning: Sequence[Stage] = (),
     ) -> None:
         """`wake` (enabled): audio leaves only after a wake word, heard by
         `wake_detector` (built from `wake` when not given). `connect="on_demand"`:
         no session while idle; one opens when needed and closes after
-        `idle_disconnect_s` of nothing."""
+        `idle_disconnect_s` of nothing. `conditioning`: capture stages that clean the
+        microphone's audio before anything else hears it
+        (`harkd.audio.echo.processing_stages`)."""
         self._input = audio_input
         self._output = audio_output
         self._volume = volume
@@ -147,14 +151,17 @@ class RealtimeClient:
             echo_tail_ms=echo_tail_ms,
             vad=(vad or VadConfig()) if vad_mode == "manual" else None,
             wake=self._wake_detector(wake, wake_detector),
+            conditioning=conditioning,
         )
         self._wake = wake if self._capture.ear is not None else None
         self._capture.on_wake = self._wake_heard
         self._capture.on_dropped = self._wake_dropped
         self._chime = b""
         self._chime_ms = 0.0
-        if self._wake is not None and audio_output is not None:
-            self._chime = load_sound(self._wake.sound, audio_output.source_rate)
+        if audio_output is not None:
+            # The wake word's sound, also played before announcements that ask for it.
+            sound = self._wake.sound if self._wake is not None else CHIME
+            self._chime = load_sound(sound, audio_output.source_rate)
             self._chime_ms = len(self._chime) / (audio_output.source_rate * 2 / 1000)
         self._last_wake: WakeHeard | None = None
         self.arbiter: Arbiter | None = None
@@ -163,6 +170,7 @@ class RealtimeClient:
         self._idle_disconnect_s = idle_disconnect_s
         self._last_activity = time.monotonic()
         self._pending: list[Callable[[], None]] = []
+        self._announcements: deque[tuple[str, bool]] = deque(maxlen=MAX_PENDING)
         self._run_task: asyncio.Task[None] | None = None
         self._owns_run_task = False
 
@@ -309,6 +317,14 @@ class RealtimeClient:
         """Make the assistant tell the user something (used by plugins)."""
         self._when_open(lambda: self._apply(self._session.say(text)))
 
+    def announce(self, text: str, chime: bool = False) -> None:
+        """Have the assistant read `text` out as it is, after the answer playing now
+        (if any), with the wake chime first if `chime`; `wake.follow_up_s` lets the
+        user reply. A session opens for it when none is."""
+        self._announcements.append((text, chime))
+        self._need_session()
+        self._announce_next()
+
     def set_mic_mute(self, muted: bool) -> None:
         """Mute: no microphone audio leaves the device (an open turn is closed)."""
         if self._capture.mute(muted):
@@ -363,7 +379,23 @@ class RealtimeClient:
         await stop_devices(self._input, self._output)
 
     def _changed(self) -> None:
+        if self._announcements:
+            self._announce_next()
         self._subscribers.changed(self.state)
+
+    def _announce_next(self) -> None:
+        """Start the next announcement once a session is open and the assistant is
+        quiet (announcements never cut an answer short)."""
+        if self._connection.conn is None or self._session.mode in (
+            RealtimeMode.SPEAKING,
+            RealtimeMode.THINKING,
+        ):
+            return
+        text, chime = self._announcements.popleft()
+        log.info("announcing: %s", text)
+        if chime and self._chime and self._output is not None:
+            self._output.play(CHIME_ITEM, self._chime)
+        self._apply(self._session.announce(text))
 
     # --- wake word and on-demand sessions ---------------------------------------------
 
@@ -481,6 +513,7 @@ class RealtimeClient:
             (ear is not None and ear.listening)
             or self._session.mode in (RealtimeMode.SPEAKING, RealtimeMode.THINKING)
             or bool(self._pending)
+            or bool(self._announcements)
         )
 
     async def _close_when_idle(self) -> None:

@@ -151,6 +151,17 @@ class AudioOutputConfig(_Section):
     volume: Annotated[int, Field(ge=0, le=100)] = 100
 
 
+class ProcessingConfig(_Section):
+    """Microphone conditioning by WebRTC's audio processing module (harkd.audio.echo)."""
+
+    echo_cancellation: bool = False
+    """AEC3 against what the speaker really played (needs an ALSA output)."""
+    noise_suppression: Literal[False, "low", "moderate", "high", "very_high"] = False
+    auto_gain: bool = False
+    delay_ms: Annotated[int, Field(ge=0, le=500)] | None = None
+    """Speaker-to-microphone delay hint for the canceller; None: estimated."""
+
+
 class AudioConfig(_Section):
     """Audio edge: devices, barge-in policy."""
 
@@ -158,6 +169,7 @@ class AudioConfig(_Section):
     output: AudioOutputConfig = AudioOutputConfig()
     barge_in: bool = False
     echo_tail_ms: Annotated[int, Field(ge=0, le=5000)] = 300
+    processing: ProcessingConfig = ProcessingConfig()
 
 
 class VadConfig(_Section):
@@ -307,6 +319,7 @@ class Config(_Section):
             )
         if provider.check is not None:
             provider.check(r)
+        _check_echo_reference(self.audio)
         return self
 
     def api_key(self) -> str | None:
@@ -325,6 +338,17 @@ class Config(_Section):
                 data[section][key] = "***"
         data["plugins"] = _redact_options(data["plugins"])
         return data
+
+
+def _check_echo_reference(audio: AudioConfig) -> None:
+    """The canceller needs a speaker that reports what it played: an ALSA device."""
+    device = audio.output.device
+    if audio.processing.echo_cancellation and (device is None or device.startswith("file:")):
+        what = "null (no speaker)" if device is None else f"{device!r} (a file, not a speaker)"
+        raise ValueError(
+            "audio.processing.echo_cancellation: needs an ALSA output device, which reports "
+            f"what it really played; audio.output.device is {what}"
+        )
 
 
 PLUGIN_SECRET_KEYS = frozenset({"token", "password", "api_key"})
@@ -603,7 +627,7 @@ def _describe(error: Mapping[str, Any]) -> str:
     if kind == "string_pattern_mismatch":
         return f"{where}: must match {ctx.get('pattern')}, got {_kind(got)}"
     message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
-    if message.startswith(("realtime", "mqtt")) and where == "<top>":
+    if message.startswith(("realtime", "mqtt", "audio")) and where == "<top>":
         return message
     return f"{where}: {message}"
 

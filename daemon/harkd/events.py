@@ -299,7 +299,10 @@ class DiscardTurn:
 
 @dataclass(frozen=True, slots=True)
 class RequestResponse:
-    """Ask the model to answer now."""
+    """Ask the model to answer now; `instructions` replace the session's for this one
+    answer (where the provider has that: others have them as a system message too)."""
+
+    instructions: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

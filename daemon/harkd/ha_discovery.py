@@ -157,6 +157,14 @@ def discovery_config(
             max=_HA_MAX_STATE,
             icon="mdi:message-text",
         ),
+        # notify.send_message speaks the message: "the washing machine is done".
+        "announce": component(
+            "announce",
+            "notify",
+            "Announce",
+            command_topic=f"{base}/cmd/announce",
+            icon="mdi:bullhorn",
+        ),
     }
     if wake_words:
         components["wake_word"] = component(

@@ -109,6 +109,8 @@ class Controller(Protocol):
 
     def send_image(self, data: str, mime_type: str) -> None: ...
 
+    def announce(self, text: str, chime: bool = False) -> None: ...
+
     def set_mic_mute(self, muted: bool) -> None: ...
 
     def set_volume(self, volume: int) -> None: ...
@@ -297,6 +299,7 @@ class MqttBridge:
             "interrupt": lambda _: controller.interrupt(),
             "text": self._cmd_text,
             "image": self._cmd_image,
+            "announce": self._cmd_announce,
             "mic_mute": self._cmd_mic_mute,
             "volume": self._cmd_volume,
             "connect": lambda _: self._spawn(controller.connect(), "connect"),
@@ -649,6 +652,28 @@ class MqttBridge:
         if not text:
             raise _BadCommand("empty text")
         self._controller.send_text(text)
+
+    def _cmd_announce(self, payload: bytes) -> None:
+        # Plain text, or JSON {"text", "chime"} (what Home Assistant's notify sends).
+        if len(payload) > MAX_TEXT_BYTES:
+            raise _BadCommand(f"text is {len(payload)} bytes, at most {MAX_TEXT_BYTES} allowed")
+        raw = _utf8(payload).strip()
+        chime = False
+        text: object = raw
+        if raw.startswith("{"):
+            try:
+                body = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise _BadCommand(f"not JSON: {exc}") from None
+            if not isinstance(body, dict):
+                raise _BadCommand('expected text or a JSON object {"text", "chime"}')
+            text, wanted = body.get("text"), body.get("chime", False)
+            if not isinstance(wanted, bool):
+                raise _BadCommand(f"chime must be true or false, got {wanted!r}")
+            chime = wanted
+        if not isinstance(text, str) or not text.strip():
+            raise _BadCommand("empty text")
+        self._controller.announce(text.strip(), chime)
 
     def _cmd_image(self, payload: bytes) -> None:
         if len(payload) > MAX_IMAGE_BYTES:

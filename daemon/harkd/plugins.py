@@ -90,6 +90,7 @@ class PluginContext:
         publish: PublishFn | None,
         subscribe: SubscribeFn | None,
         offer: OfferFn | None = None,
+        announce: SayFn | None = None,
     ) -> None:
         self.name = name
         self.device_id = device_id
@@ -98,6 +99,7 @@ class PluginContext:
         self.logger = logging.getLogger(f"harkd.plugin.{name}")
         self._state_dir = state_root / "plugins" / name
         self._say = say
+        self._announce = announce or say
         self._publish = publish
         self._subscribe = subscribe
         self._offer = offer
@@ -129,6 +131,11 @@ class PluginContext:
     def say(self, text: str) -> None:
         """Make the assistant speak about `text` (it becomes a message the model answers)."""
         self._say(text)
+
+    def announce(self, text: str) -> None:
+        """Have the assistant read `text` out as it is, after any answer playing (the
+        same path as `B/cmd/announce`; a session opens for it if need be)."""
+        self._announce(text)
 
     def set_tools(self, tools: Iterable[Tool], instructions: str = "") -> None:
         """Replace, while the daemon runs, the tools this plugin offers (those its callable
@@ -173,11 +180,13 @@ class PluginHost:
         publish: PublishFn | None = None,
         subscribe: SubscribeFn | None = None,
         offer: OfferFn | None = None,
+        announce: SayFn | None = None,
     ) -> None:
         self.device_id = device_id
         self.state_dir = state_dir
         self.base_topic = base_topic
         self.say = say
+        self.announce = announce
         self.publish = publish
         self.subscribe = subscribe
         self.offer = offer
@@ -193,6 +202,7 @@ class PluginHost:
             publish=self.publish,
             subscribe=self.subscribe,
             offer=self.offer,
+            announce=self.announce,
         )
 
 

@@ -22,6 +22,7 @@ from typing import Any
 from harkd.adapters.registry import build_adapter, token_source
 from harkd.arbitration import MqttArbiter
 from harkd.audio import open_input, open_output
+from harkd.audio.echo import processing_stages
 from harkd.backoff import Backoff
 from harkd.client import RealtimeClient
 from harkd.config import Config, ConfigError, load_config
@@ -273,6 +274,7 @@ class Daemon:
             config.state_dir,
             base_topic=f"{config.mqtt.base_topic}/{config.device.id}",
             say=self.client.say,
+            announce=self.client.announce,
             publish=self._publish if mqtt_on else None,
             subscribe=self._subscribe if mqtt_on else None,
             offer=live.offer,
@@ -433,6 +435,8 @@ def _build_client(config: Config) -> RealtimeClient:
     modes = {"server_vad": "server", "semantic_vad": "semantic", "manual": "manual"}
     assert rt.voice is not None  # the config filled in the provider's default or refused
     adapter = build_adapter(rt)
+    audio_input = open_input(config.audio.input)
+    audio_output = open_output(config.audio.output, adapter.traits.output_format.rate)
     return RealtimeClient(
         get_token=token_source(rt, key),
         adapter=adapter,
@@ -440,8 +444,8 @@ def _build_client(config: Config) -> RealtimeClient:
         instructions=rt.instructions,
         voice=rt.voice,
         transcription_model=rt.transcription_model,
-        audio_input=open_input(config.audio.input),
-        audio_output=open_output(config.audio.output, adapter.traits.output_format.rate),
+        audio_input=audio_input,
+        audio_output=audio_output,
         barge_in=config.audio.barge_in,
         echo_tail_ms=config.audio.echo_tail_ms,
         vad=config.vad,
@@ -452,6 +456,9 @@ def _build_client(config: Config) -> RealtimeClient:
         wake=config.wake if config.wake.enabled else None,
         connect=rt.connect,
         idle_disconnect_s=rt.idle_disconnect_s,
+        conditioning=processing_stages(
+            config.audio.processing, audio_input.sample_rate, audio_output
+        ),
     )
 
 

@@ -367,6 +367,24 @@ class Session:
             *self._request_response(),
         ]
 
+    def announce(self, text: str) -> list[Effect]:
+        """Have the assistant read `text` out as it is (an announcement); never
+        interrupts (the caller waits until the assistant is quiet)."""
+        if not self._connected:
+            return []
+        instruction = (
+            "Read this announcement to the user exactly as written, word for word, "
+            f"adding nothing before or after it: {text}"
+        )
+        if self._response is not None or self._response_requested:
+            self._want_response = True  # the announcement's turn comes after this answer
+            return [Send(ev.CreateMessage(local_item_id(), "system", text=instruction))]
+        self._response_requested = True
+        return [
+            Send(ev.CreateMessage(local_item_id(), "system", text=instruction)),
+            Send(ev.RequestResponse(instructions=instruction)),
+        ]
+
     def _send_message(self, message: RealtimeMessage, command: ev.CreateMessage) -> list[Effect]:
         if not self._connected:
             return []

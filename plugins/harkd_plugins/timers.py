@@ -1,6 +1,6 @@
 """Built-in plugin `timers`: set, list and cancel kitchen timers.
 
-When a timer finishes the assistant announces it (`ctx.say`) and, with MQTT enabled,
+When a timer finishes the assistant announces it (`ctx.announce`) and, with MQTT enabled,
 `B/timer/finished` gets JSON `{"id", "label", "duration_s"}` (QoS 1, not retained).
 Running timers are kept in `<state_dir>/plugins/timers/timers.json` with their wall-clock
 due time, so they survive a restart; one that came due while the daemon was down
@@ -187,7 +187,7 @@ class Timers:
                 "while I was not running."
             )
         try:
-            self._ctx.say(text)
+            self._ctx.announce(text)
         except Exception:
             self._ctx.logger.exception("could not announce timer %s", timer.id)
         if not self._ctx.mqtt_enabled:

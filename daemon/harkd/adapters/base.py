@@ -3,9 +3,10 @@ and how connections fail."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, NoReturn, Protocol
 
 from harkd.events import Command, ServerEvent, SessionSettings
 from harkd.messages import RealtimeToken
@@ -109,3 +110,27 @@ class RealtimeAdapter(Protocol):
         With `resume_handle` (from a `ResumeHandle` event) a provider whose traits say
         `resume="handle"` continues that session; others ignore it.
         """
+
+
+async def serve_until_lost(
+    reader: Coroutine[Any, Any, None], writer: Coroutine[Any, Any, None]
+) -> NoReturn:
+    """Run a connection's reader and writer until either ends, then raise what ended
+    it: one exception, never a group (no TaskGroup, no `except*`: before 3.11.4 an
+    exception raised there comes out wrapped). Both may have seen the same close; the
+    reader's account comes first, it has the close code. A clean end is a
+    `ConnectionLost` too."""
+    tasks = (
+        asyncio.create_task(reader, name="ws-reader"),
+        asyncio.create_task(writer, name="ws-writer"),
+    )
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for task in tasks:
+        if not task.cancelled() and (error := task.exception()) is not None:
+            raise error
+    raise ConnectionLost(None, "connection ended")

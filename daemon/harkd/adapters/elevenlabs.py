@@ -48,6 +48,7 @@ from harkd.adapters.base import (
     ConnectionLost,
     ProtocolError,
     ProviderTraits,
+    serve_until_lost,
 )
 from harkd.adapters.openai import AUDIO_LANE_FRAMES, CLOSE_TIMEOUT_S, SETUP_TIMEOUT_S, DropLog
 from harkd.adapters.registry import ELEVENLABS_AGENT_VOICE
@@ -480,18 +481,7 @@ class ElevenLabsConnection:
                 else:
                     on_event(ev.SessionReady(self.conversation_id))
             self._early.clear()
-            reader = asyncio.create_task(self._read(), name="ws-reader")
-            writer = asyncio.create_task(self._write(), name="ws-writer")
-            try:
-                await asyncio.wait((reader, writer), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for task in (reader, writer):
-                    task.cancel()
-                await asyncio.gather(reader, writer, return_exceptions=True)
-            for task in (reader, writer):
-                if not task.cancelled() and (error := task.exception()) is not None:
-                    raise error
-            raise ConnectionLost(None, "connection ended")
+            await serve_until_lost(self._read(), self._write())
         finally:
             self._stop_timer()
             self._on_event = None

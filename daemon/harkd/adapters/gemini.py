@@ -66,6 +66,7 @@ from harkd.adapters.base import (
     ConnectionFailed,
     ConnectionLost,
     ProviderTraits,
+    serve_until_lost,
 )
 from harkd.adapters.gemini_wire import (
     INPUT_RATE,
@@ -327,18 +328,7 @@ class GeminiConnection:
         for event in self._early:
             on_event(event)
         self._early.clear()
-        reader = asyncio.create_task(self._read(on_event), name="ws-reader")
-        writer = asyncio.create_task(self._write(), name="ws-writer")
-        try:
-            await asyncio.wait((reader, writer), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (reader, writer):
-                task.cancel()
-            await asyncio.gather(reader, writer, return_exceptions=True)
-        for task in (reader, writer):
-            if not task.cancelled() and (error := task.exception()) is not None:
-                raise error
-        raise ConnectionLost(None, "connection ended")
+        await serve_until_lost(self._read(on_event), self._write())
 
     async def _read(self, on_event: Callable[[ev.ServerEvent], None]) -> None:
         while True:

@@ -36,6 +36,7 @@ from harkd.adapters.base import (
     ConnectionLost,
     ProtocolError,
     ProviderTraits,
+    serve_until_lost,
 )
 from harkd.audio.base import PROVIDER_RATE
 from harkd.messages import RealtimeToken
@@ -139,8 +140,10 @@ def encode(command: ev.Command) -> dict[str, Any]:
             return {"type": "input_audio_buffer.clear"}
         case ev.EndTurn():
             return {"type": "input_audio_buffer.commit"}
-        case ev.RequestResponse():
+        case ev.RequestResponse(instructions=None):
             return {"type": "response.create"}
+        case ev.RequestResponse(instructions=instructions):
+            return {"type": "response.create", "response": {"instructions": instructions}}
         case ev.CancelResponse():
             return {"type": "response.cancel"}
         case ev.TruncateItem(item_id=item_id, heard_ms=heard_ms):
@@ -681,19 +684,7 @@ class OpenAIConnection:
         for event in self._early:
             on_event(event)
         self._early.clear()
-        reader = asyncio.create_task(self._read(on_event), name="ws-reader")
-        writer = asyncio.create_task(self._write(), name="ws-writer")
-        try:
-            await asyncio.wait((reader, writer), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (reader, writer):
-                task.cancel()
-            await asyncio.gather(reader, writer, return_exceptions=True)
-        # Both may have seen the same close: the reader's account has the close code.
-        for task in (reader, writer):
-            if not task.cancelled() and (error := task.exception()) is not None:
-                raise error
-        raise ConnectionLost(None, "connection ended")
+        await serve_until_lost(self._read(on_event), self._write())
 
     async def _read(self, on_event: Callable[[ev.ServerEvent], None]) -> None:
         while True:

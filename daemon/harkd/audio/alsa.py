@@ -46,6 +46,12 @@ probes the device, so a speaker unplugged between answers is noticed then and no
 on the next answer's first write: a kernel device reports it in `avail`, a sound
 server plugin (`pulse`, `pipewire`) only in `snd_pcm_poll_descriptors_revents`.
 
+For echo cancellation (`report_played`) the playback thread tells a `PlayedSink` each
+write the device accepted, mono and after the volume, with when it will be heard (now
+plus what is queued in front of it), and that written audio was dropped unheard (a
+barge-in's `drop`, a lost device). That is the canceller's far end: what was played,
+not what was queued.
+
 What a position means: ALSA counts frames still queued as `buffer_size - avail`.
 Through the PulseAudio/PipeWire `pulse` PCM that excludes the sound server's own sink
 latency (pyalsaaudio exposes no `snd_pcm_delay`), so played positions run ahead of
@@ -76,6 +82,7 @@ import numpy as np
 from harkd.audio.base import PROVIDER_RATE, AudioFrame, DeviceListener, MeterReading
 from harkd.audio.meter import LevelMeter
 from harkd.audio.playback import PlaybackBuffer
+from harkd.audio.reference import PlayedSink
 from harkd.audio.resample import StreamResampler
 from harkd.backoff import Backoff
 
@@ -422,6 +429,7 @@ class AlsaOutput(_Edge):
         self._remainder = b""  # popped mono audio the device has not accepted yet
         self._recent = b""  # the last frames written (mono): what a loss rewinds
         self._in_device = 0  # frames in the device at the last measure, plus writes since
+        self._played_sink: PlayedSink | None = None  # the echo canceller's reference
         # Thread:
         self._total_written = 0  # frames ever written (never reset): positions are relative
         self._recent_bytes = 0  # how much `_recent` keeps: a buffer, or 3 while `_unproven`
@@ -472,6 +480,7 @@ class AlsaOutput(_Edge):
                     self._pcm.drop()
                 except alsaaudio.ALSAAudioError as exc:
                     log.debug("%s: drop failed: %s", self.name, exc)
+            self._tell_dropped()
             self._running = False
             self._padded = False
             self._remainder = b""
@@ -480,6 +489,12 @@ class AlsaOutput(_Edge):
         self._playing = False
         self._wake_event.set()
         return played
+
+    def report_played(self, sink: PlayedSink) -> None:
+        """Tell `sink` every write the device accepts (mono, post-gain) and when it will
+        be heard, and when written audio is dropped unheard (echo cancellation)."""
+        with self._lock:
+            self._played_sink = sink
 
     def played_ms(self, item_id: str) -> int:
         """Milliseconds of the item's audio that have left the speaker so far."""
@@ -526,6 +541,11 @@ class AlsaOutput(_Edge):
         if avail < 0:  # underrun (everything was played) or dropped
             return 0
         return max(0, self._buffer_size - avail)
+
+    def _tell_dropped(self) -> None:
+        """What the device held will not be heard (lock held)."""
+        if self._played_sink is not None:
+            self._played_sink.dropped(time.monotonic())
 
     def _drained(self, generation: int) -> None:
         """On the loop: the device played everything up to buffer generation `generation`."""
@@ -650,6 +670,7 @@ class AlsaOutput(_Edge):
                 # Not `_running`: a lost stream looks like an underrun on its way out.
                 unheard = min(self._in_device, len(self._recent) // 2)
                 self._buffer.rewind(unheard)
+                self._tell_dropped()
                 self._remainder = self._recent[len(self._recent) - 2 * unheard :] + self._remainder
                 if not self._buffer.has_unwritten_audio:
                     # Every real frame was heard; only padding went with the device.
@@ -833,6 +854,11 @@ class AlsaOutput(_Edge):
         if result == -errno.EPIPE:
             result = pcm.write(device_bytes)  # the underrun was recovered: write again
         written = max(0, int(result))
+        if written and self._played_sink is not None:
+            # Heard once what is queued in front of it has played.
+            rate = self._buffer.device_rate
+            starts_at = time.monotonic() + (self._in_device if self._running else 0) / rate
+            self._played_sink.played(data[: 2 * written], rate, starts_at)
         if written:
             self._running = True
             self._total_written += written

@@ -1,12 +1,14 @@
 """The capture pipeline: small stages between the microphone and the provider.
 
-    meter -> (conditioning: echo cancel) -> [16 kHz -> wake word -> ear]
+    (conditioning: echo cancel) -> meter -> [16 kHz -> wake word -> ear]
           -> gate -> resample to 16 kHz -> endpointer -> provider rate
 
 Every stage is a plain object that takes an `AudioFrame` (which carries its own
 sample rate) and hands one on, or None to stop it there; none does I/O or touches the
-event loop, so each is unit-tested with arrays. The provider-rate stage converts the
-gated frame itself, not the 16 kHz analysis copy, so the provider hears the full band.
+event loop, so each is unit-tested with arrays. The meter measures the conditioned
+audio: with echo cancellation on, the level shown is what the assistant listens to.
+The provider-rate stage converts the gated frame itself, not the 16 kHz analysis
+copy, so the provider hears the full band.
 
 The wake word detector hears every frame, before the half-duplex gate, so that the
 wake word can stop an answer; behind it the ear lets nothing on while the device waits
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from harkd.audio.base import VAD_RATE, AudioFrame
 from harkd.audio.meter import LevelMeter
@@ -47,6 +49,15 @@ class Stage(Protocol):
 
     def process(self, frame: AudioFrame) -> AudioFrame | None:
         """The frame for the next stage, or None when nothing goes on."""
+
+
+@runtime_checkable
+class EchoCanceller(Protocol):
+    """A conditioning stage that removes the speaker's echo from the microphone."""
+
+    @property
+    def echo_free(self) -> bool:
+        """True once its output no longer carries the assistant's voice (converged)."""
 
 
 class WakeStage(Stage, Protocol):
@@ -146,7 +157,7 @@ class CapturePipeline:
     to_provider: Resample
     endpoint: Endpoint | None = None
     conditioning: Sequence[Stage] = ()
-    """Between the meter and the gate (echo cancellation)."""
+    """Before the meter and the gate (echo cancellation)."""
     wake: WakeStage | None = None
     """Hears every conditioned frame at 16 kHz, before the gate."""
     listening: Callable[[], bool] = lambda: True
@@ -160,14 +171,13 @@ class CapturePipeline:
 
     def push(self, frame: AudioFrame) -> list[CaptureOutput]:
         """Everything one captured frame leads to, in order."""
-        self.meter.process(frame)
-        conditioned: AudioFrame | None = frame
+        conditioned = frame
         for stage in self.conditioning:
-            if conditioned is None:
+            processed = stage.process(conditioned)
+            if processed is None:
                 return []
-            conditioned = stage.process(conditioned)
-        if conditioned is None:
-            return []
+            conditioned = processed
+        self.meter.process(conditioned)
         outputs: list[CaptureOutput] = []
         frame16k: AudioFrame | None = None
         if self.wake is not None:

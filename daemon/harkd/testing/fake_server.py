@@ -159,6 +159,9 @@ class FakeScript:
     pace: float = 0.0
     late_transcripts: bool = False
     reply_for_instructions: Callable[[str], str] | None = None
+    speak: Callable[[str], bytes] | None = None
+    """The answer's audio for its text (PCM16 24 kHz, e.g. espeak-ng); None: vowel-like
+    synthesized sound of ``audio_ms_per_char`` per character."""
 
     def next_transcript(self, audio_ms: float) -> str:
         """Pop the next scripted user transcript (or describe the audio)."""
@@ -1415,7 +1418,10 @@ class _Connection:
 
     async def _stream_audio(self, base: Event, text: str, meta: _ItemMeta, item: Event) -> None:
         delta_ms = max(10, self.script.delta_ms)
+        spoken = self.script.speak(text) if self.script.speak is not None else None
         total_ms = max(float(delta_ms), len(text) * self.script.audio_ms_per_char)
+        if spoken is not None:
+            total_ms = len(spoken) / BYTES_PER_MS
         chunks = max(1, math.ceil(total_ms / delta_ms))
         words = _split_pieces(text, chunks)
         sample = 0
@@ -1430,7 +1436,10 @@ class _Connection:
                     }
                 )
                 item["content"][0]["transcript"] += words[index]
-            pcm = synthesize_speech(chunk_ms, start_sample=sample)
+            if spoken is not None:
+                pcm = spoken[2 * sample : 2 * sample + round(chunk_ms * BYTES_PER_MS / 2) * 2]
+            else:
+                pcm = synthesize_speech(chunk_ms, start_sample=sample)
             sample += len(pcm) // 2
             delta = base64.b64encode(pcm).decode()
             await self.send({"type": "response.output_audio.delta", **base, "delta": delta})

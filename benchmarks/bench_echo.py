@@ -1,0 +1,366 @@
+"""Echo cancellation (harkd.audio.echo) in a PulseAudio room where the microphone hears
+the speaker: the ALSA `pulse` PCM plays into the null sink and captures its monitor.
+
+Per round, reported as medians over rounds (JSON on stdout when run alone):
+
+- erle_db: echo removed once converged, over a second spoken answer (espeak-ng), as
+  10 log10(mic energy / output energy) over the frames where the speaker plays; for
+  AEC3 alone (`erle_aec3_db`) and for what the VAD gets, after the residual gate
+  (`erle_db`);
+- converge_s: seconds of speaker audio until the stage declared convergence;
+- double_talk_share: webrtcvad's voiced 20 ms frames of the user's sentence while the
+  assistant speaks, over the same sentence said in a quiet room (target >= 0.9); also
+  for AEC3's output before the residual gate (`double_talk_share_aec3`);
+- cpu_percent: CPU time of the stage per second of audio, % of one core (offline, on
+  the audio the room delivered);
+- barge_in_ms: with the whole client (fake server, server VAD, barge_in + echo
+  cancellation): onset of the user's speech in the room -> the daemon's speaker stream
+  silent.
+
+Run: .venv/bin/python benchmarks/bench_echo.py [--rounds 3]   (about 40 s a round)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import webrtcvad
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from e2e import Running, until  # noqa: E402
+from echo_room import ANSWER, KEY, EchoRoom, record_speaker, speak  # noqa: E402
+from harkd.audio.alsa import AlsaInput, AlsaOutput  # noqa: E402
+from harkd.audio.base import AudioFrame  # noqa: E402
+from harkd.audio.echo import AudioProcessing, processing_stages  # noqa: E402
+from harkd.config import ProcessingConfig  # noqa: E402
+from harkd.testing import FakeRealtimeServer, FakeScript  # noqa: E402
+from pulse_fixture import SINK, PulseServer, Recording  # noqa: E402
+from speech_fixtures import silence, speech_pcm, write_wav  # noqa: E402
+
+RATE = 16000
+FRAME = 320
+USER = "what time is it in tokyo"
+
+
+class _Quiet:
+    def device_failed(self, device: str, message: str) -> None:
+        print(f"device {device} failed: {message}", file=sys.stderr)
+
+    def device_recovered(self, device: str) -> None:
+        pass
+
+
+def _energy(x: npt.NDArray[np.int16]) -> float:
+    return float(np.sum(x.astype(np.float64) ** 2))
+
+
+class _Trace:
+    """Frames through the stage: raw mic, AEC3 output, gated output, reference."""
+
+    def __init__(self, stage: AudioProcessing) -> None:
+        self.stage = stage
+        self.rows: list[tuple[float, Any, Any, Any, float]] = []
+        self.raw: list[bytes] = []
+        self.far: list[bytes] = []
+        gate = stage._gate  # noqa: SLF001 - the bench reads both sides of the gate
+        original = gate.apply
+
+        def apply(near: Any, far: Any, out: Any) -> Any:
+            gated = original(near, far, out)
+            self._pending = (out.copy(), gated.copy(), far.copy())
+            return gated
+
+        gate.apply = apply  # type: ignore[method-assign]
+        self._pending: tuple[Any, Any, Any] | None = None
+
+    def process(self, frame: AudioFrame) -> None:
+        self._pending = None
+        self.stage.process(frame)
+        near = np.frombuffer(frame.pcm, dtype="<i2")
+        if self._pending is not None:
+            aec, gated, far = self._pending
+            self.rows.append(
+                (
+                    frame.captured_at,
+                    near,
+                    aec,
+                    gated,
+                    float(np.sqrt(np.mean(far.astype(float) ** 2))),
+                )
+            )
+            self.raw.append(frame.pcm)
+            self.far.append(far.astype("<i2").tobytes())
+
+
+async def _room_pass(
+    pulse: PulseServer,
+    stage: AudioProcessing,
+    output: AlsaOutput,
+    answers: int,
+    user_wav: Path | None,
+) -> tuple[_Trace, float | None, float]:
+    """Play `answers` spoken answers (the user talks over the last one when given);
+    returns the trace, when the user started (monotonic) and the user's length (s)."""
+    mic = AlsaInput("pulse", rate=RATE)
+    await mic.start(_Quiet())
+    trace = _Trace(stage)
+
+    async def capture() -> None:
+        async for frame in mic.frames():
+            await asyncio.to_thread(trace.process, frame)
+
+    task = asyncio.create_task(capture())
+    answer = speak(ANSWER)
+    user_at = None
+    user_s = 0.0
+    try:
+        await asyncio.sleep(0.3)
+        for index in range(answers):
+            output.play(f"a{index}", answer)
+            if user_wav is not None and index == answers - 1:
+                await asyncio.sleep(2.0)
+                user_at = time.monotonic()
+                user_s = len(speech_pcm(USER, rate=24000, voice="en-gb")) / 48000
+                await asyncio.to_thread(
+                    subprocess.run,
+                    ["paplay", f"--server={pulse.server}", f"--device={SINK}", str(user_wav)],
+                    check=True,
+                    timeout=20,
+                )
+            await until(lambda: not output.is_playing, 30, "the answer played")
+            await asyncio.sleep(0.4)
+    finally:
+        task.cancel()
+        await mic.stop()
+    return trace, user_at, user_s
+
+
+def _voiced(rows: list[Any], start: float, end: float, column: int) -> int:
+    vad = webrtcvad.Vad(2)
+    return sum(
+        vad.is_speech(row[column].astype("<i2").tobytes(), RATE)
+        for row in rows
+        if start <= row[0] <= end and len(row[column]) == FRAME
+    )
+
+
+async def canceller_round(pulse: PulseServer, user_wav: Path) -> dict[str, Any]:
+    """ERLE, convergence and double talk with the stage alone on the room."""
+    output = AlsaOutput("pulse", rate=24000)
+    await output.start(_Quiet())
+    try:
+        [stage] = processing_stages(ProcessingConfig(echo_cancellation=True), RATE, output)
+        trace, _, _ = await _room_pass(pulse, stage, output, 2, None)
+        assert stage.convergence is not None
+        converge_s = stage.convergence.converged_after_s
+        # The second answer: the canceller has converged.
+        half = len(trace.rows) // 2
+        speaking = [r for r in trace.rows[half:] if r[4] > 0.003]
+        mic = sum(_energy(r[1]) for r in speaking)
+        erle_aec3 = 10 * np.log10(mic / max(1.0, sum(_energy(r[2]) for r in speaking)))
+        erle = 10 * np.log10(mic / max(1.0, sum(_energy(r[3]) for r in speaking)))
+        # Double talk: the user over a third answer, then alone in a quiet room.
+        talk, user_at, user_s = await _room_pass(pulse, stage, output, 1, user_wav)
+        assert user_at is not None
+        over = _voiced(talk.rows, user_at, user_at + user_s + 0.5, 3)
+        over_aec3 = _voiced(talk.rows, user_at, user_at + user_s + 0.5, 2)
+        quiet_stage = processing_stages(ProcessingConfig(echo_cancellation=True), RATE, output)[0]
+        alone, alone_at, _ = await _alone(pulse, quiet_stage, user_wav)
+        alone_voiced = _voiced(alone.rows, alone_at, alone_at + user_s + 0.5, 3)
+        # CPU: the stage again, offline, over the audio the room delivered.
+        cpu = _cpu_percent(trace)
+    finally:
+        await output.stop()
+    return {
+        "erle_db": round(float(erle), 1),
+        "erle_aec3_db": round(float(erle_aec3), 1),
+        "converge_s": converge_s,
+        "delay_ms": stage.convergence.delay_ms,
+        "double_talk_share": round(over / alone_voiced, 3) if alone_voiced else None,
+        "double_talk_share_aec3": round(over_aec3 / alone_voiced, 3) if alone_voiced else None,
+        "voiced_frames": [over, alone_voiced],
+        "cpu_percent": round(cpu, 3),
+    }
+
+
+async def _alone(
+    pulse: PulseServer, stage: AudioProcessing, user_wav: Path
+) -> tuple[_Trace, float, float]:
+    mic = AlsaInput("pulse", rate=RATE)
+    await mic.start(_Quiet())
+    trace = _Trace(stage)
+
+    async def capture() -> None:
+        async for frame in mic.frames():
+            await asyncio.to_thread(trace.process, frame)
+
+    task = asyncio.create_task(capture())
+    try:
+        await asyncio.sleep(0.3)
+        at = time.monotonic()
+        await asyncio.to_thread(
+            subprocess.run,
+            ["paplay", f"--server={pulse.server}", f"--device={SINK}", str(user_wav)],
+            check=True,
+            timeout=20,
+        )
+        await asyncio.sleep(0.4)
+    finally:
+        task.cancel()
+        await mic.stop()
+    return trace, at, 0.0
+
+
+def _cpu_percent(trace: _Trace) -> float:
+    """Process the recorded mic and reference again through a fresh canceller."""
+    from pywebrtc_audio import AudioProcessor
+
+    apm = AudioProcessor(RATE, echo_cancellation=True)
+    near = [np.frombuffer(p, dtype="<i2") for p in trace.raw]
+    far = [np.frombuffer(p, dtype="<i2") for p in trace.far]
+    started = time.thread_time()
+    for n, f in zip(near, far, strict=True):
+        apm.process(n, f)
+    used = time.thread_time() - started
+    return 100 * used / (sum(len(n) for n in near) / RATE)
+
+
+async def barge_in_round(pulse: PulseServer, user_wav: Path) -> float | None:
+    """The whole client: user speech onset -> the daemon's speaker stream silent (ms)."""
+
+    def reply(user_text: str) -> str:
+        return "It is nine." if user_text == USER else ANSWER
+
+    script = FakeScript(user_transcripts=[USER], reply=reply, speak=speak)
+    async with FakeRealtimeServer(script=script, api_keys={KEY}) as server:
+        room = EchoRoom.build(pulse, server)
+        async with Running(room.client):
+            await until(lambda: room.client.status.value == "connected", 20, "connected")
+            await room.converge()
+            speaker = record_speaker(pulse)
+            room.client.send_text("and next week?")
+            outputs = len(room.output.sent)
+            await until(lambda: len(room.output.sent) > outputs, 20, "the answer")
+            item = list(room.output.sent)[-1]
+            await until(lambda: room.output.played_ms(item) >= 1500, 20, "1.5 s of it")
+            user = _record_user(pulse, room.say(user_wav))
+            await until(lambda: any(m.interrupted for m in room.finals), 20, "the barge-in")
+            await asyncio.sleep(0.5)
+            speaker.stop()
+            user.stop()
+    onset = _first_loud(user, after=0.0)
+    if onset is None:
+        return None
+    quiet = _silent_from(speaker, onset)
+    return None if quiet is None else round((quiet - onset) * 1000, 1)
+
+
+def _record_user(pulse: PulseServer, player: subprocess.Popen[bytes]) -> Recording:
+    """Record the user's stream (the newest sink input) while its leading silence plays."""
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        listing = subprocess.run(
+            ["pactl", f"--server={pulse.server}", "list", "short", "sink-inputs"],
+            capture_output=True,
+            check=True,
+            timeout=10,
+        ).stdout.decode()
+        indexes = [int(line.split()[0]) for line in listing.splitlines() if line.strip()]
+        if len(indexes) >= 2:
+            process = subprocess.Popen(
+                [
+                    "pacat",
+                    "--record",
+                    f"--server={pulse.server}",
+                    f"--monitor-stream={max(indexes)}",
+                    "--raw",
+                    "--format=s16le",
+                    "--rate=24000",
+                    "--channels=1",
+                    "--latency-msec=5",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+            )
+            recording = Recording(24000, process)
+            recording._thread = threading.Thread(target=recording._pump, daemon=True)  # noqa: SLF001
+            recording._thread.start()  # noqa: SLF001
+            return recording
+        time.sleep(0.01)
+    raise RuntimeError("the user's stream did not appear")
+
+
+def _blocks(recording: Recording) -> npt.NDArray[np.float64]:
+    samples = recording.samples().astype(np.float64)
+    count = len(samples) // 120
+    return np.sqrt((samples[: count * 120].reshape(count, 120) ** 2).mean(axis=1))
+
+
+def _first_loud(recording: Recording, after: float) -> float | None:
+    loud = np.nonzero(_blocks(recording) > 1000)[0]
+    return recording.arrival_of(int(loud[0]) * 120) if len(loud) else None
+
+
+def _silent_from(recording: Recording, after: float) -> float | None:
+    """When the speaker went silent for good after `after`: the block after its last
+    loud one (the recording runs on after the barge-in; pauses between words do not
+    count)."""
+    loud = np.nonzero(_blocks(recording) > 100)[0]
+    if not len(loud):
+        return None
+    at = recording.arrival_of((int(loud[-1]) + 1) * 120)
+    return at if at >= after else None
+
+
+async def measure(pulse: PulseServer, rounds: int, workdir: Path) -> dict[str, Any]:
+    """Every figure, `rounds` times; medians plus the per-round values."""
+    user_wav = workdir / "user.wav"
+    write_wav(user_wav, silence(300, 24000) + speech_pcm(USER, rate=24000, voice="en-gb"), 24000)
+    per_round = []
+    for _ in range(rounds):
+        figures = await canceller_round(pulse, user_wav)
+        figures["barge_in_ms"] = await barge_in_round(pulse, user_wav)
+        per_round.append(figures)
+
+    def median(key: str) -> float | None:
+        values = [r[key] for r in per_round if r.get(key) is not None]
+        return round(statistics.median(values), 3) if values else None
+
+    keys = (
+        "erle_db",
+        "erle_aec3_db",
+        "converge_s",
+        "double_talk_share",
+        "double_talk_share_aec3",
+        "cpu_percent",
+        "barge_in_ms",
+    )
+    return {**{key: median(key) for key in keys}, "rounds": per_round}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="harkd-echo-") as tmp, PulseServer.start_new() as pulse:
+        result = asyncio.run(measure(pulse, args.rounds, Path(tmp)))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,343 @@
+"""Echo cancellation, noise suppression and automatic gain: WebRTC's audio processing
+module (AEC3, NS, AGC2 through `pywebrtc-audio`) as a conditioning stage.
+
+The canceller's far end is what the speaker really played (`PlayedReference`, fed by
+the playback thread after the device accepted each write), read for the span of time
+each microphone frame covers. The frame's span comes from its capture stamp; frames
+are then counted end to end so that scheduling jitter does not shake the reference,
+and the count is re-anchored when the stamps say it went wrong (frames lost, a device
+reopened, clocks drifted). AEC3 estimates the remaining delay itself (the sound
+server's latency, the air); `delay_ms` is its starting guess.
+
+The stage logs once when the canceller has converged: when, over a second of speaker
+audio, it removes `CONVERGED_DB` of what the microphone picked up, with the echo's
+delay behind the reference (measured by cross-correlation, since the library exposes
+no statistics).
+
+WebRTC works on 10 ms blocks: frames of other lengths are regrouped, which delays the
+audio by less than one block. The library releases the GIL, and the stage is `heavy`,
+so the pipeline runs it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+
+import numpy as np
+import numpy.typing as npt
+from pywebrtc_audio import AudioProcessor
+
+from harkd.audio.base import AudioFrame
+from harkd.audio.reference import PlayedReference, ReportsPlayed
+from harkd.config import ProcessingConfig
+
+log = logging.getLogger(__name__)
+
+NS_LEVELS = {"low": 0, "moderate": 1, "high": 2, "very_high": 3}
+"""`audio.processing.noise_suppression` -> WebRTC's level (6, 12, 18, 21 dB)."""
+CONVERGED_DB = 30.0
+"""Echo removed (ERLE) over `CONVERGED_WINDOW_S` of speaker audio that counts as converged.
+
+Strict on purpose: AEC3 starts by suppressing hard (60 dB in the first half second),
+then lets echo through (10-20 dB) while it finds the delay, for a second or two."""
+CONVERGED_WINDOW_S = 2.0
+CONVERGED_STEADY = 0.98
+"""... and this share of its chunks must each lose `STEADY_DB` (no leaks)."""
+STEADY_DB = 15.0
+FAR_ACTIVE_RMS = 0.003
+"""A block of the reference louder than this (RMS, 0..1, about -50 dBFS) is speaker audio."""
+ECHO_AUDIBLE_RMS = 0.001
+"""... and the microphone must hear at least this much for it to count as echo."""
+UNHEARD_S = 3.0
+"""Speaker audio the microphone never hears for this long: nothing to cancel."""
+READ_AHEAD_S = 0.05
+"""The reference is read this far ahead of a frame's stamps. A canceller can only
+remove echo that comes after its reference, and the stamps are not exact (the sound
+server's buffering, a period's granularity: through PulseAudio the echo arrived about
+20 ms before its stamps say); AEC3 finds the delay that remains."""
+EARLY_TOLERANCE_S = 0.02
+"""A frame stamped this much earlier than counted re-anchors the count (within the
+read-ahead's margin: every jump makes AEC3 look for the delay again, and lets echo
+through meanwhile)."""
+LATE_TOLERANCE_S = 0.01
+"""Frames stamped later than counted, all of the last `LATE_WINDOW` by at least this
+much, move the count on by the least of them: frames were lost on the way (the
+capture queue drops the oldest when the machine is busy) or the device reopened. A
+late stamp alone is scheduling jitter, gone by the next frames."""
+LATE_WINDOW = 10
+RESIDUAL_GATE_DB = 15.0
+"""While the speaker plays, a 10 ms block the canceller made this much quieter than
+the mic heard it is echo that got through: it is silenced, so no VAD takes the
+assistant's voice for the user's. The user's voice over the answer loses far less
+(measured: 3-10 dB), so it passes."""
+CONFIRM_BLOCKS = 8
+"""While the speaker plays, near-end sound passes only after this many 10 ms blocks in
+a row passed the gate above: AEC3 leaks echo now and then, for 10-40 ms at a time
+(seen in the PulseAudio room, at 4-15 dB below the mic), and a leak must not open a
+turn; the user's voice lasts longer. Its first 80 ms are the price."""
+RELEASE_BLOCKS = 30
+"""Once near-end sound passed, the gate stays open until this many blocks in a row are
+echo alone again (the user's voice has quiet moments between syllables)."""
+ECHO_TAIL_S = 0.2
+"""The speaker counts as playing this long after its reference went quiet (the delay
+and the room's reverberation)."""
+ONSET_GUARD_S = 0.6
+"""After the speaker starts a new stream (an answer after a pause) its latency is not
+the last one's, and AEC3 lets some echo through while it finds the new delay: the
+microphone stays gated this long into each answer (measured: bursts up to 0.2 s)."""
+_FULL_SCALE = 32768.0
+
+
+class AudioProcessing:
+    """The conditioning stage: AEC3 (with a reference), NS and AGC2 on the raw mic."""
+
+    heavy = True
+
+    def __init__(
+        self,
+        config: ProcessingConfig,
+        sample_rate: int,
+        reference: PlayedReference | None = None,
+    ) -> None:
+        """`reference` is required with `config.echo_cancellation` (at `sample_rate`)."""
+        if config.echo_cancellation and (reference is None or reference.rate != sample_rate):
+            raise ValueError("echo cancellation needs a played reference at the capture rate")
+        self.sample_rate = sample_rate
+        self._reference = reference if config.echo_cancellation else None
+        level = config.noise_suppression
+        self._apm = AudioProcessor(
+            sample_rate,
+            echo_cancellation=config.echo_cancellation,
+            noise_suppression=level is not False,
+            auto_gain_control=config.auto_gain,
+            ns_level=NS_LEVELS[level] if isinstance(level, str) else 1,
+            stream_delay_ms=config.delay_ms or 0,
+        )
+        self._block = max(1, sample_rate // 100)
+        self._pending = np.zeros(0, dtype=np.int16)
+        self._pending_far = np.zeros(0, dtype=np.int16)
+        self._cursor: int | None = None  # reference sample index of the next mic sample
+        self._lateness: deque[int] = deque(maxlen=LATE_WINDOW)  # stamped - counted
+        self._settling = False  # the last frame is within ONSET_GUARD_S of a new stream
+        self._gate = ResidualGate(sample_rate)
+        self.convergence = Convergence(sample_rate) if self._reference is not None else None
+        """ERLE bookkeeping and the one-time converged log (echo cancellation only)."""
+
+    @property
+    def echo_free(self) -> bool:
+        """False while the canceller has not converged: the assistant's voice would
+        still come through, so capture stays half duplex until then."""
+        if self.convergence is None:
+            return True
+        return self.convergence.converged and not self._settling
+
+    def process(self, frame: AudioFrame) -> AudioFrame | None:
+        """The frame with echo removed (and noise, gain as configured); None while a
+        frame shorter than a 10 ms block is being regrouped."""
+        near = np.frombuffer(frame.pcm, dtype="<i2")
+        far = self._far(frame, len(near)) if self._reference is not None else None
+        near, far = self._regroup(near, far)
+        if len(near) == 0:
+            return None
+        out: npt.NDArray[np.int16] = self._apm.process(near, far)
+        if self.convergence is not None and far is not None:
+            self.convergence.update(near, far, out)
+            out = self._gate.apply(near, far, out)
+        pcm = out.astype("<i2", copy=False).tobytes()
+        return AudioFrame(pcm, self.sample_rate, frame.captured_at)
+
+    def _far(self, frame: AudioFrame, count: int) -> npt.NDArray[np.int16]:
+        """The reference for the span this frame covers."""
+        assert self._reference is not None
+        stamped = round((frame.captured_at + READ_AHEAD_S) * self.sample_rate) - count
+        cursor = self._cursor
+        if cursor is None or stamped < cursor - EARLY_TOLERANCE_S * self.sample_rate:
+            cursor = stamped
+            self._lateness.clear()
+        else:
+            self._lateness.append(stamped - cursor)
+            late = min(self._lateness)
+            if len(self._lateness) == LATE_WINDOW and late > LATE_TOLERANCE_S * self.sample_rate:
+                cursor += late
+                self._lateness.clear()
+        self._cursor = cursor + count
+        since_start = frame.captured_at - self._reference.stream_start
+        self._settling = since_start < ONSET_GUARD_S
+        return self._reference.read(cursor, count)
+
+    def _regroup(
+        self, near: npt.NDArray[np.int16], far: npt.NDArray[np.int16] | None
+    ) -> tuple[npt.NDArray[np.int16], npt.NDArray[np.int16] | None]:
+        """Whole 10 ms blocks of what came so far (the rest waits for the next frame)."""
+        if len(self._pending) == 0 and len(near) % self._block == 0:
+            return near, far  # the usual case: 10 or 20 ms periods
+        near = np.concatenate((self._pending, near))
+        usable = len(near) - len(near) % self._block
+        self._pending = near[usable:]
+        if far is not None:
+            far = np.concatenate((self._pending_far, far))
+            self._pending_far = far[usable:]
+            far = far[:usable]
+        return near[:usable], far
+
+
+class Convergence:
+    """Watches how much echo the canceller removes; logs once when it has converged."""
+
+    def __init__(self, sample_rate: int) -> None:
+        self.sample_rate = sample_rate
+        self.converged = False
+        self.speaker_s = 0.0
+        """Seconds of speaker audio (reference above `FAR_ACTIVE_RMS`) seen so far."""
+        self.converged_after_s: float | None = None
+        """`speaker_s` when it converged."""
+        self.delay_ms: float | None = None
+        """How far the echo lags the reference, when it converged."""
+        self.erle_db: float | None = None
+        """Echo removed over the last window of speaker audio."""
+        window = int(CONVERGED_WINDOW_S * sample_rate)
+        self._window = window
+        # Per block of speaker audio: (samples, energy in, energy out).
+        self._blocks: deque[tuple[int, float, float]] = deque()
+        self._unheard_s = 0.0  # speaker audio the microphone did not pick up at all
+        self._samples = 0
+        self._near: deque[npt.NDArray[np.int16]] = deque()
+        self._far: deque[npt.NDArray[np.int16]] = deque()
+        self._kept = 0
+
+    def update(
+        self, near: npt.NDArray[np.int16], far: npt.NDArray[np.int16], out: npt.NDArray[np.int16]
+    ) -> None:
+        """Account for one processed chunk: mic in, reference, mic out."""
+        if self.converged:
+            return
+        self._keep(near, far)
+        if _rms(far) < FAR_ACTIVE_RMS:
+            return
+        if _rms(near) < ECHO_AUDIBLE_RMS:
+            # A microphone that does not hear the speaker has no echo to remove.
+            self._unheard_s += len(near) / self.sample_rate
+            if self._unheard_s >= UNHEARD_S:
+                self.converged = True
+                log.info("echo canceller: the microphone does not hear the speaker")
+            return
+        self.speaker_s += len(near) / self.sample_rate
+        energy_in = float(np.sum(near.astype(np.float64) ** 2))
+        energy_out = float(np.sum(out.astype(np.float64) ** 2))
+        self._blocks.append((len(near), energy_in, energy_out))
+        self._samples += len(near)
+        while self._samples - self._blocks[0][0] >= self._window:
+            self._samples -= self._blocks.popleft()[0]
+        if self._samples < self._window:
+            return
+        total_in = sum(b[1] for b in self._blocks)
+        total_out = sum(b[2] for b in self._blocks)
+        self.erle_db = 10 * np.log10(total_in / max(total_out, 1.0))
+        limit = 10 ** (STEADY_DB / 10)
+        steady = sum(b[2] * limit <= b[1] for b in self._blocks) / len(self._blocks)
+        if self.erle_db >= CONVERGED_DB and steady >= CONVERGED_STEADY:
+            self.converged = True
+            self.converged_after_s = self.speaker_s
+            self.delay_ms = self._estimate_delay_ms()
+            log.info(
+                "echo canceller converged after %.1f s of speaker audio: %.0f dB of echo "
+                "removed, echo %.0f ms behind the played audio",
+                self.speaker_s,
+                self.erle_db,
+                self.delay_ms,
+            )
+            self._near.clear()
+            self._far.clear()
+
+    def _keep(self, near: npt.NDArray[np.int16], far: npt.NDArray[np.int16]) -> None:
+        """The last two windows of mic and reference, for the delay estimate."""
+        self._near.append(near)
+        self._far.append(far)
+        self._kept += len(near)
+        while self._kept - len(self._near[0]) >= 2 * self._window:
+            self._kept -= len(self._near.popleft())
+            self._far.popleft()
+
+    def _estimate_delay_ms(self) -> float:
+        """The lag of the mic behind the reference that correlates best (GCC-PHAT)."""
+        near = np.concatenate(self._near).astype(np.float64)
+        far = np.concatenate(self._far).astype(np.float64)
+        size = 1 << (2 * len(near) - 1).bit_length()
+        cross = np.fft.rfft(near, size) * np.conj(np.fft.rfft(far, size))
+        correlation = np.fft.irfft(cross / np.maximum(np.abs(cross), 1e-12), size)
+        max_lag = min(len(near) - 1, self.sample_rate // 2)  # AEC3 looks this far, too
+        lag = int(np.argmax(correlation[: max_lag + 1]))
+        return lag * 1000 / self.sample_rate
+
+
+def processing_stages(
+    config: ProcessingConfig, sample_rate: int, output: object
+) -> list[AudioProcessing]:
+    """The conditioning stages `audio.processing` asks for (none when all is off).
+
+    With echo cancellation, `output` (which must report what it played: config checks
+    that) is told to feed the canceller's reference.
+    """
+    if not (config.echo_cancellation or config.noise_suppression or config.auto_gain):
+        return []
+    reference = None
+    if config.echo_cancellation:
+        if not isinstance(output, ReportsPlayed):
+            raise ValueError(
+                "audio.processing.echo_cancellation: the output cannot report what it played"
+            )
+        reference = PlayedReference(sample_rate)
+        output.report_played(reference)
+    return [AudioProcessing(config, sample_rate, reference)]
+
+
+class ResidualGate:
+    """Silences echo the canceller let through while the speaker plays (see
+    `RESIDUAL_GATE_DB`, `CONFIRM_BLOCKS`); passes everything when it is quiet."""
+
+    def __init__(self, sample_rate: int) -> None:
+        self._block = max(1, sample_rate // 100)
+        self._tail_blocks = round(ECHO_TAIL_S * 100)
+        self._limit = 10 ** (RESIDUAL_GATE_DB / 10)
+        self._since_far = self._tail_blocks  # blocks since the reference was last loud
+        self._run = 0  # blocks in a row that passed (closed) or failed (open) the test
+        self._open = False  # near-end sound (the user) is coming through
+
+    def apply(
+        self,
+        near: npt.NDArray[np.int16],
+        far: npt.NDArray[np.int16],
+        out: npt.NDArray[np.int16],
+    ) -> npt.NDArray[np.int16]:
+        """`out` with what is only leaked echo silenced."""
+        gated = out.copy()
+        for start in range(0, len(out), self._block):
+            part = slice(start, start + self._block)
+            if _rms(far[part]) >= FAR_ACTIVE_RMS:
+                self._since_far = 0
+            else:
+                self._since_far += 1
+            if self._since_far >= self._tail_blocks:
+                self._open, self._run = False, 0
+                continue  # the speaker is quiet: nothing to hold back
+            energy_in = float(np.sum(near[part].astype(np.float64) ** 2))
+            energy_out = float(np.sum(out[part].astype(np.float64) ** 2))
+            echo_only = energy_out * self._limit < energy_in
+            if self._open:
+                self._run = self._run + 1 if echo_only else 0
+                if self._run >= RELEASE_BLOCKS:
+                    self._open, self._run = False, 0
+            else:
+                self._run = 0 if echo_only else self._run + 1
+                if self._run >= CONFIRM_BLOCKS:
+                    self._open, self._run = True, 0
+            if not self._open:
+                gated[part] = 0
+        return gated
+
+
+def _rms(samples: npt.NDArray[np.int16]) -> float:
+    if len(samples) == 0:
+        return 0.0
+    return float(np.sqrt(np.mean(samples.astype(np.float64) ** 2))) / _FULL_SCALE
