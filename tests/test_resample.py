@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from harkd.audio import resample
 from harkd.audio.resample import StreamResampler
 
 
@@ -70,3 +71,25 @@ def test_reset_forgets_held_audio() -> None:
 def test_rejects_nonsense_rates() -> None:
     with pytest.raises(ValueError, match="positive"):
         StreamResampler(0, 16000)
+
+
+def test_the_system_libsoxr_serves_when_python_soxr_does_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Debian's python3-soxr links libsoxr.so.0 instead of carrying it: that one is used."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libsoxr.so.0")
+    except OSError:
+        pytest.skip("no system libsoxr.so.0 here")
+    monkeypatch.setattr(resample, "_candidates", lambda: ["libsoxr.so.0"])
+    resample._soxr.cache_clear()
+    try:
+        pcm = sine(16000, 0.2).tobytes()
+        system = StreamResampler(16000, 24000)
+        out = system.process(pcm) + system.flush()
+    finally:
+        resample._soxr.cache_clear()
+    bundled = StreamResampler(16000, 24000)
+    assert out == bundled.process(pcm) + bundled.flush()
