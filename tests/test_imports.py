@@ -54,6 +54,24 @@ def test_harkd_help_does_not_pay_for_config_validation() -> None:
     assert loaded_after(statement, (*HEAVY, "pydantic", "yaml", "jsonschema")) == []
 
 
+def test_the_default_audio_path_runs_without_numpy() -> None:
+    """A daemon on the default config (16 kHz capture resampled to the provider's
+    24 kHz, server VAD, no wake word or echo cancellation, a stereo speaker) never loads
+    numpy or python-soxr's numpy layer: about 18 MB of a Pi's memory."""
+    statement = (
+        "import harkd.service\n"
+        "from harkd.audio.base import AudioFrame\n"
+        "from harkd.audio.pcm import pick_channel, spread_channels\n"
+        "from harkd.audio.pipeline import capture_pipeline\n"
+        "pipeline = capture_pipeline(16000, 24000, is_shut=lambda: False)\n"
+        "frames = [pick_channel(bytes(1280), 0, 2) for _ in range(10)]\n"
+        "sent = [pipeline.push(AudioFrame(f, 16000, 0.0)) for f in frames]\n"
+        "assert sum(len(p) for out in sent for p in out) >= 9 * 960, sent\n"
+        "assert len(spread_channels(bytes(960), 2)) == 1920\n"
+    )
+    assert loaded_after(statement, ("numpy", "soxr")) == []
+
+
 def test_production_code_imports_the_fakes_only_for_demo_and_fake_server() -> None:
     allowed = {ROOT / "daemon/harkd/demo.py", ROOT / "daemon/harkd/cli.py"}
     testing = ROOT / "daemon/harkd/testing"

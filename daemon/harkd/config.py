@@ -161,6 +161,11 @@ class ProcessingConfig(_Section):
     delay_ms: Annotated[int, Field(ge=0, le=500)] | None = None
     """Speaker-to-microphone delay hint for the canceller; None: estimated."""
 
+    @property
+    def active(self) -> bool:
+        """Whether any conditioning stage is asked for."""
+        return bool(self.echo_cancellation or self.noise_suppression or self.auto_gain)
+
 
 class AudioConfig(_Section):
     """Audio edge: devices, barge-in policy."""

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,8 @@ from typing import Any
 from harkd.adapters.registry import build_adapter, token_source
 from harkd.arbitration import MqttArbiter
 from harkd.audio import open_input, open_output
-from harkd.audio.echo import processing_stages
+from harkd.audio.base import AudioInput, AudioOutput
+from harkd.audio.pipeline import Stage
 from harkd.backoff import Backoff
 from harkd.client import RealtimeClient
 from harkd.config import Config, ConfigError, load_config
@@ -456,10 +457,20 @@ def _build_client(config: Config) -> RealtimeClient:
         wake=config.wake if config.wake.enabled else None,
         connect=rt.connect,
         idle_disconnect_s=rt.idle_disconnect_s,
-        conditioning=processing_stages(
-            config.audio.processing, audio_input.sample_rate, audio_output
-        ),
+        conditioning=_conditioning(config, audio_input, audio_output),
     )
+
+
+def _conditioning(
+    config: Config, audio_input: AudioInput, audio_output: AudioOutput
+) -> Sequence[Stage]:
+    """The `audio.processing` stages. Their module (numpy, WebRTC's APM) is imported only
+    when one is asked for."""
+    if not config.audio.processing.active:
+        return []
+    from harkd.audio.echo import processing_stages
+
+    return processing_stages(config.audio.processing, audio_input.sample_rate, audio_output)
 
 
 def _journal_form(message: RealtimeMessage) -> dict[str, Any]:

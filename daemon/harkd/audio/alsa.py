@@ -74,16 +74,18 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import alsaaudio
-import numpy as np
 
 from harkd.audio.base import PROVIDER_RATE, AudioFrame, DeviceListener, MeterReading
 from harkd.audio.meter import LevelMeter
+from harkd.audio.pcm import pick_channel, spread_channels
 from harkd.audio.playback import PlaybackBuffer
-from harkd.audio.reference import PlayedSink
 from harkd.audio.resample import StreamResampler
+
+if TYPE_CHECKING:
+    from harkd.audio.reference import PlayedSink  # numpy: only echo cancellation needs it
 from harkd.backoff import Backoff
 
 log = logging.getLogger(__name__)
@@ -378,10 +380,7 @@ class AlsaInput(_Edge):
                 continue
             last_audio = captured_at
             self._report_working()
-            if channels > 1:
-                usable = len(data) - len(data) % (2 * channels)
-                samples = np.frombuffer(data[:usable], dtype="<i2").reshape(-1, channels)
-                data = np.ascontiguousarray(samples[:, self.channel]).tobytes()
+            data = pick_channel(data, self.channel, channels)
             if resampler is not None:
                 data = resampler.process(data)
             pending += data
@@ -849,7 +848,7 @@ class AlsaOutput(_Edge):
         if meter:
             self._meter.feed(data)
         self._remainder = data  # still ours if the write raises: a new device gets it
-        device_bytes = _to_channels(data, self._channels)
+        device_bytes = spread_channels(data, self._channels)
         result = pcm.write(device_bytes)
         if result == -errno.EPIPE:
             result = pcm.write(device_bytes)  # the underrun was recovered: write again
@@ -874,13 +873,6 @@ _REARM_STATES = (
     alsaaudio.PCM_STATE_XRUN,
     alsaaudio.PCM_STATE_SUSPENDED,
 )
-
-
-def _to_channels(mono: bytes, channels: int) -> bytes:
-    if channels == 1:
-        return mono
-    samples = np.frombuffer(mono, dtype="<i2")
-    return np.repeat(samples, channels).astype("<i2", copy=False).tobytes()
 
 
 def _format_problem(info: dict[str, Any]) -> str | None:

@@ -4,7 +4,8 @@
 it: nothing is computed until someone reads. `reading` computes the RMS level of the
 latest chunk and, at most `max_rate_hz` times a second, the spectrum (a Hann-windowed
 rfft of the last 1024 samples). A daemon nobody watches pays nothing for its meters
-(measured: they were ~40% of harkd's streaming CPU when computed on every chunk).
+(measured: they were ~40% of harkd's streaming CPU when computed on every chunk),
+and does not even import numpy (~18 MB of resident memory) until the first read.
 """
 
 from __future__ import annotations
@@ -13,11 +14,14 @@ import contextlib
 import math
 import time
 from collections import deque
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from harkd.audio.base import MeterReading
 from harkd.messages import AudioVisualization
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
 
 WINDOW = 1024
 """Samples analysed for the spectrum and the time-domain view."""
@@ -46,11 +50,7 @@ class LevelMeter:
         self.sample_rate = sample_rate
         self.bins = bins
         self._min_interval_s = 1.0 / max_rate_hz if max_rate_hz > 0 else 0.0
-        self._ring = np.zeros(WINDOW, dtype=np.float32)
-        self._window = np.hanning(WINDOW).astype(np.float32)
-        # A full-scale sine peaks at sum(window)/2 in the rfft: that is 0 dB.
-        self._reference = float(self._window.sum()) / 2.0
-        self._edges = _band_edges(sample_rate, bins, WINDOW)
+        self._analysis: _Analysis | None = None  # made on the first read
         self._last_spectrum_at = -math.inf
         self._silent_frequency: tuple[float, ...] = (0.0,) * bins
         self._silent_time: tuple[float, ...] = (0.0,) * TIME_POINTS
@@ -95,17 +95,17 @@ class LevelMeter:
 
     def _analyse(self, chunks: list[bytes], fed_at: float) -> None:
         """Level of the latest chunk; spectrum and waveform when the rate allows."""
+        if self._analysis is None:
+            self._analysis = _Analysis(self.sample_rate, self.bins)
+        analysis = self._analysis
         recent = b"".join(c[: len(c) - len(c) % 2] for c in chunks)[-2 * WINDOW :]
-        self._push(np.frombuffer(recent, dtype="<i2").astype(np.float32) / _FULL_SCALE)
+        analysis.push(recent)
         last = chunks[-1]
-        latest = np.frombuffer(last[: len(last) - len(last) % 2], dtype="<i2")
-        latest_f = latest.astype(np.float32) / _FULL_SCALE
-        level = min(1.0, float(np.sqrt(np.mean(latest_f * latest_f))))
+        level = analysis.level(last[: len(last) - len(last) % 2])
         if fed_at - self._last_spectrum_at >= self._min_interval_s:
             self._last_spectrum_at = fed_at
-            self._frequency = self._spectrum()
-            step = WINDOW // TIME_POINTS
-            self._time_domain = tuple(float(x) for x in self._ring[step - 1 :: step])
+            self._frequency = analysis.spectrum()
+            self._time_domain = analysis.waveform()
         self._reading = MeterReading(
             level=level,
             frequency=self._frequency,
@@ -113,23 +113,52 @@ class LevelMeter:
             sample_rate=self.sample_rate,
         )
 
-    def _push(self, samples: np.ndarray) -> None:
+
+class _Analysis:
+    """The numpy side of a meter: the last WINDOW samples and what is shown of them."""
+
+    def __init__(self, sample_rate: int, bins: int) -> None:
+        import numpy as np
+
+        self._np = np
+        self._ring: npt.NDArray[np.float32] = np.zeros(WINDOW, dtype=np.float32)
+        self._window = np.hanning(WINDOW).astype(np.float32)
+        # A full-scale sine peaks at sum(window)/2 in the rfft: that is 0 dB.
+        self._reference = float(self._window.sum()) / 2.0
+        self._edges = _band_edges(sample_rate, bins, WINDOW)
+
+    def push(self, pcm: bytes) -> None:
+        np = self._np
+        samples = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / _FULL_SCALE
         if len(samples) >= WINDOW:
             self._ring[:] = samples[-WINDOW:]
         else:
             self._ring = np.roll(self._ring, -len(samples))
             self._ring[-len(samples) :] = samples
 
-    def _spectrum(self) -> tuple[float, ...]:
+    def level(self, pcm: bytes) -> float:
+        """RMS of `pcm`, 1.0 at full scale."""
+        np = self._np
+        samples = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / _FULL_SCALE
+        return min(1.0, float(np.sqrt(np.mean(samples * samples))))
+
+    def spectrum(self) -> tuple[float, ...]:
+        np = self._np
         magnitude = np.abs(np.fft.rfft(self._ring * self._window)) / self._reference
         db = 20.0 * np.log10(np.maximum(magnitude, 1e-12))
         scaled = np.clip((db - FLOOR_DB) / -FLOOR_DB, 0.0, 1.0)
         # Each band shows its loudest component, as an analyser display does.
         return tuple(float(scaled[lo:hi].max()) for lo, hi in self._edges)
 
+    def waveform(self) -> tuple[float, ...]:
+        step = WINDOW // TIME_POINTS
+        return tuple(float(x) for x in self._ring[step - 1 :: step])
+
 
 def _band_edges(sample_rate: int, bins: int, window: int) -> list[tuple[int, int]]:
     """rfft index ranges of `bins` log-spaced bands from 60 Hz to Nyquist."""
+    import numpy as np
+
     count = window // 2 + 1
     hz_per_index = sample_rate / window
     low = max(1.0, 60.0 / hz_per_index)

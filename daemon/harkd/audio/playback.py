@@ -26,8 +26,6 @@ import threading
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
-import numpy as np
-
 from harkd.audio.base import PROVIDER_RATE
 from harkd.audio.resample import Quality, StreamResampler
 
@@ -385,6 +383,8 @@ def _apply_gain(pcm: bytes, gain: float) -> bytes:
         return pcm
     if gain <= 0.0:
         return bytes(len(pcm))
+    import numpy as np  # only a lowered volume needs it (see harkd.audio.pcm)
+
     samples = np.frombuffer(pcm, dtype="<i2").astype(np.float32) * gain
     out: bytes = np.clip(np.rint(samples), -32768, 32767).astype("<i2").tobytes()
     return out

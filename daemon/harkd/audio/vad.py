@@ -65,7 +65,6 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import webrtcvad
 
 from ..config import VadConfig
@@ -335,7 +334,10 @@ class Endpointer:
 
 
 def _energy(pcm16k: bytes) -> float:
-    # float32: int16 products would overflow; a 480-sample dot costs ~2 µs.
+    # float32: int16 products would overflow; a 480-sample dot costs ~2 µs. numpy is
+    # imported here, not with the module, so that server VAD never loads it.
+    import numpy as np
+
     samples = np.frombuffer(pcm16k, dtype="<i2").astype(np.float32)
     return float(samples @ samples)
 

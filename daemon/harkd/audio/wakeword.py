@@ -23,8 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from harkd.audio.base import VAD_RATE, AudioFrame
 
 if TYPE_CHECKING:
@@ -142,6 +140,8 @@ class WakeDetector:
             self._recent_bytes -= len(self._recent.popleft())
 
     def _level(self) -> float:
+        import numpy as np  # loaded by pymicro-wakeword anyway; kept off the import
+
         samples = np.frombuffer(b"".join(self._recent), dtype="<i2").astype(np.float32)
         if not samples.size:
             return 0.0

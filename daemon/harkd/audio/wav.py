@@ -30,10 +30,9 @@ import wave
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-import numpy as np
-
 from harkd.audio.base import PROVIDER_RATE, AudioFrame, DeviceListener, MeterReading
 from harkd.audio.meter import LevelMeter
+from harkd.audio.pcm import pick_channel
 from harkd.audio.playback import PlaybackBuffer
 
 log = logging.getLogger(__name__)
@@ -307,8 +306,4 @@ def _read_channel(path: Path, channel: int) -> bytes:
     with wave.open(str(path), "rb") as wav:
         channels = wav.getnchannels()
         data = wav.readframes(wav.getnframes())
-    if channels == 1:
-        return data
-    usable = len(data) - len(data) % (2 * channels)
-    samples = np.frombuffer(data[:usable], dtype="<i2").reshape(-1, channels)
-    return np.ascontiguousarray(samples[:, channel]).tobytes()
+    return pick_channel(data, channel, channels)
