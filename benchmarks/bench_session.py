@@ -40,6 +40,7 @@ import wave
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from harkd.audio.resample import StreamResampler  # noqa: E402
 from harkd.testing import fake_server as fs  # noqa: E402
 from harkd.testing.fake_server import (  # noqa: E402
     FakeRealtimeServer,
@@ -103,10 +105,10 @@ def bench_script() -> FakeScript:
     )
 
 
-def noise(ms: float, rms: float = 0.002, seed: int = 7) -> np.ndarray:
+def noise(ms: float, rms: float = 0.002, seed: int = 7, rate: int = RATE) -> np.ndarray:
     """Faint white noise (a quiet room), far below the fake server's VAD threshold."""
     rng = np.random.default_rng(seed)
-    return rng.normal(0.0, rms * 32767, round(ms * RATE / 1000))
+    return rng.normal(0.0, rms * 32767, round(ms * rate / 1000))
 
 
 def timeline(total_ms: float, speech_at_ms: Sequence[float], speech_ms: float) -> bytes:
@@ -119,19 +121,24 @@ def timeline(total_ms: float, speech_at_ms: Sequence[float], speech_ms: float) -
     return np.clip(np.rint(signal_), -32768, 32767).astype("<i2").tobytes()
 
 
-def write_wav(path: Path, pcm: bytes) -> Path:
+def write_wav(path: Path, pcm: bytes, rate: int = RATE) -> Path:
     with wave.open(str(path), "wb") as out:
         out.setnchannels(1)
         out.setsampwidth(2)
-        out.setframerate(RATE)
+        out.setframerate(rate)
         out.writeframes(pcm)
     return path
 
 
 def write_config(
-    path: Path, url: str, state_dir: Path, input_device: str, output_device: str | None
+    path: Path,
+    url: str,
+    state_dir: Path,
+    input_device: str,
+    output_device: str | None,
+    **sections: Any,
 ) -> Path:
-    config = {
+    config: dict[str, Any] = {
         "device": {"id": "bench", "name": "Bench"},
         "realtime": {
             "url": url,
@@ -147,6 +154,7 @@ def write_config(
         "plugins": {"clock": {}},
         "state_dir": str(state_dir),
         "log_level": "warning",
+        **sections,
     }
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -529,10 +537,57 @@ def cost_audio(workdir: Path, seconds: float = 64.0) -> Path:
 
 
 def harkd_client(url: str, wav: Path, workdir: Path) -> Client:
-    """`harkd run` with the WAV as microphone and a paced null speaker (like the peers,
-    which play nothing)."""
-    config = write_config(workdir / "cost.yaml", url, workdir / "state-c", f"file:{wav}", None)
+    """`harkd run` on the default config with the WAV as microphone and a paced null
+    speaker (like the peers, which play nothing). The microphone is the WAV at the
+    default capture rate, 16 kHz, so harkd resamples to the provider's 24 kHz as a
+    default install does (the peers stream the 24 kHz original)."""
+    mic = to_capture_rate(wav, workdir / "session-16k.wav")
+    config = write_config(workdir / "cost.yaml", url, workdir / "state-c", f"file:{mic}", None)
     return Client("harkd", [harkd_bin(), "run", "-c", str(config)])
+
+
+WAKE_TURNS_AT_S = (4.0, 24.0, 44.0)
+"""Where the wake-word client's three requests start in its 64 s microphone."""
+
+
+def harkd_wake_client(url: str, workdir: Path, seconds: float = 64.0) -> Client:
+    """`harkd run` with the wake word armed on a connected session (issue 19's second
+    workload): room noise with three requests, each a sentence without the wake word
+    and then "okay nabu, what time is it" (the demo's bundled recording)."""
+    from harkd.audio.wav import read_wav
+    from harkd.demo import WAKE_INPUT
+
+    speech, rate = read_wav(Path(str(files("harkd") / "data" / WAKE_INPUT)))
+    mixed = noise(seconds * 1000, rate=rate)
+    voice = np.frombuffer(speech, dtype="<i2")
+    for start_s in WAKE_TURNS_AT_S:
+        first = round(start_s * rate)
+        mixed[first : first + len(voice)] += voice[: len(mixed) - first]
+    pcm = np.clip(np.rint(mixed), -32768, 32767).astype("<i2").tobytes()
+    mic = write_wav(workdir / "wake-session.wav", pcm, rate)
+    config = write_config(
+        workdir / "cost-wake.yaml",
+        url,
+        workdir / "state-w",
+        f"file:{mic}",
+        None,
+        # No arbitration (it needs MQTT, which is off) and the built-in chime.
+        wake={"enabled": True, "arbitration": False},
+    )
+    return Client("harkd_wake", [harkd_bin(), "run", "-c", str(config)])
+
+
+def to_capture_rate(wav: Path, out: Path, rate: int = 16000) -> Path:
+    """`wav` (24 kHz) as a `rate` WAV."""
+    with wave.open(str(wav), "rb") as src:
+        pcm = src.readframes(src.getnframes())
+    return write_wav(out, to_rate(pcm, RATE, rate), rate)
+
+
+def to_rate(pcm: bytes, in_rate: int, out_rate: int) -> bytes:
+    """PCM16 mono resampled whole (HQ, with the filter's tail)."""
+    resampler = StreamResampler(in_rate, out_rate, quality="HQ")
+    return resampler.process(pcm) + resampler.flush()
 
 
 # --------------------------------------------------------------------------- standalone

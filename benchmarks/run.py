@@ -9,11 +9,14 @@ Phases (all on loopback, same machine, same run; about 18 minutes on 2 cores):
              played-ms the daemon would truncate at minus what the room heard;
    echo      benchmarks/bench_echo.py: echo cancellation in the room where the mic
              hears the speaker (ERLE, convergence, double talk, CPU, barge-in);
-4. cost      5 rounds; in each, `harkd run` and the peers (benchmarks/peers.py: the
-             `bare` websockets + json + base64 client, the floor of issue 19, the
-             `openai` SDK realtime connection and an `openai-agents` RealtimeRunner
-             session) stream the same 64 s WAV with two tool-calling turns side by
-             side; CPU and peak RSS over the same 60 s window. Ratios are taken within
+4. cost      5 rounds; in each, `harkd run` on the default config (the WAV at 16 kHz,
+             resampled to 24 kHz) and the peers (benchmarks/peers.py: the `bare`
+             websockets + json + base64 client, the floor of issue 19, the `openai`
+             SDK realtime connection and an `openai-agents` RealtimeRunner session)
+             stream the same 64 s WAV with two tool-calling turns side by side, and
+             `harkd run` with the wake word armed and connected streams its own WAV
+             with three wake-word requests; CPU and peak RSS over the same 60 s
+             window. Ratios are taken within
              each round, then the median over rounds is reported (5 rounds: on a
              shared machine one round can be 20% off either way);
 5. wake      benchmarks/bench_wake.py: CPU of `harkd run` waiting for a wake word
@@ -101,6 +104,8 @@ PHASES = ("cost",)  # the phases --only can run alone
 # bare floor; the SDK clients do less (no resampling, meters, plugins) and cost more.
 CPU_RATIO_TARGETS = {"bare": (True, 1.5), "openai": (False, 1.0), "agents": (False, 1.0)}
 PEAK_RSS_TARGET_MB = 55.0  # issue 19, default config: absolute
+WAKE_CPU_RATIO_TARGET = 2.5  # issue 19, wake word armed, connected, 3 turns: x the bare floor
+WAKE_PEAK_RSS_TARGET_MB = 75.0  # issue 19, same workload: absolute
 PERIOD_MS = 20  # audio.input.period_ms of the bench configs
 
 
@@ -144,7 +149,7 @@ def median(values: list[float]) -> float | None:
 
 
 def summarize_cost(rounds: list[dict[str, Any]], workdir: Path) -> dict[str, Any]:
-    names = ["harkd", *PEERS]
+    names = ["harkd", "harkd_wake", *PEERS]
     per_client: dict[str, Any] = {}
     for name in names:
         ok = [r[name] for r in rounds if "cpu_percent" in r.get(name, {})]
@@ -177,7 +182,17 @@ def summarize_cost(rounds: list[dict[str, Any]], workdir: Path) -> dict[str, Any
             "peak_rss": median(rss),
             "rounds": len(cpu),
         }
-    return {"clients": per_client, "harkd_ratio_to": ratios}
+    wake_cpu = [
+        r["harkd_wake"]["cpu_percent"] / r["bare"]["cpu_percent"]
+        for r in rounds
+        if "cpu_percent" in r.get("harkd_wake", {}) and r.get("bare", {}).get("cpu_percent")
+    ]
+    wake_ratio = {
+        "cpu": median(wake_cpu),
+        "cpu_range": [round(min(wake_cpu), 3), round(max(wake_cpu), 3)] if wake_cpu else None,
+        "rounds": len(wake_cpu),
+    }
+    return {"clients": per_client, "harkd_ratio_to": ratios, "wake_ratio_to_bare": wake_ratio}
 
 
 async def measure(workdir: Path, log: Any) -> dict[str, Any]:
@@ -223,8 +238,9 @@ async def measure_cost(server: bs.StampedServer, workdir: Path, log: Any) -> dic
     wav = bs.cost_audio(workdir)
     rounds = []
     for index in range(COST_ROUNDS):
-        log(f"cost round {index + 1}/{COST_ROUNDS}: harkd, {', '.join(PEERS)}")
+        log(f"cost round {index + 1}/{COST_ROUNDS}: harkd, harkd_wake, {', '.join(PEERS)}")
         clients = [bs.harkd_client(server.url, wav, workdir)]
+        clients.append(bs.harkd_wake_client(server.url, workdir))
         clients += [peer_client(kind, server.url, wav) for kind in PEERS]
         # Rotate the start order: the first one started streams longest before
         # the window opens.
@@ -251,6 +267,13 @@ def _fmt(value: Any, unit: str = "", digits: int = 2) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}f}{unit}"
     return f"{value}{unit}"
+
+
+def _pi(cpu_percent: float | None) -> str:
+    """The Pi Zero 2 W projection of a CPU figure (bench_wake.pi_projection's factor)."""
+    if cpu_percent is None:
+        return ""
+    return f"; Pi Zero 2 W ~{cpu_percent * bench_wake.PI_FACTOR:.0f} % (x{bench_wake.PI_FACTOR:g})"
 
 
 def _range(ratio: dict[str, Any]) -> str:
@@ -336,7 +359,7 @@ def cost_rows(cost: dict[str, Any]) -> list[tuple[str, str, str, str, bool | Non
         (
             f"harkd CPU (user+sys / wall), {COST_WINDOW_S:g} s, 2 turns",
             _fmt(h["cpu_percent"], " %"),
-            f"median of {h['rounds_ok']} rounds",
+            f"median of {h['rounds_ok']} rounds{_pi(h['cpu_percent'])}",
             "-",
             None,
         ),
@@ -362,6 +385,7 @@ def cost_rows(cost: dict[str, Any]) -> list[tuple[str, str, str, str, bool | Non
                 ok,
             )
         )
+    rows += wake_cost_rows(cost)
     for peer in PEERS:
         note = (
             f"; the RSS target is absolute (<= {PEAK_RSS_TARGET_MB:g} MB)" if peer == "bare" else ""
@@ -517,18 +541,47 @@ def markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def wake_cost_rows(cost: dict[str, Any]) -> list[tuple[str, str, str, str, bool | None]]:
+    """The wake-word workload (armed, connected, three requests): issue 19's targets."""
+    w = cost["clients"].get("harkd_wake")
+    ratio = cost.get("wake_ratio_to_bare")
+    if not w or not ratio:
+        return []
+    value, rss = ratio["cpu"], w["peak_rss_mb"]
+    return [
+        (
+            "wake armed, connected, 3 requests: CPU ratio / bare floor",
+            _fmt(value, "x"),
+            f"harkd_wake {_fmt(w['cpu_percent'], ' %')}{_pi(w['cpu_percent'])}, "
+            f"tool turns {w['tool_turns']}, "
+            f"median of {ratio['rounds']} per-round ratios{_range(ratio)}",
+            f"<= {WAKE_CPU_RATIO_TARGET:.1f}x",
+            None if value is None else value <= WAKE_CPU_RATIO_TARGET,
+        ),
+        (
+            "wake armed, connected, 3 requests: peak RSS",
+            _fmt(rss, " MB", 1),
+            f"median of {w['rounds_ok']} rounds",
+            f"<= {WAKE_PEAK_RSS_TARGET_MB:g} MB",
+            None if rss is None else rss <= WAKE_PEAK_RSS_TARGET_MB,
+        ),
+    ]
+
+
 def cost_table(cost: dict[str, Any]) -> list[str]:
     """Each client's medians over the cost rounds."""
     lines = [
         "",
-        f"Cost rounds: {COST_ROUNDS} x {COST_WINDOW_S:g} s window, all {len(PEERS) + 1} "
-        "clients streaming the same WAV side by side (medians over rounds):",
+        f"Cost rounds: {COST_ROUNDS} x {COST_WINDOW_S:g} s window, all {len(PEERS) + 2} "
+        "clients streaming side by side (harkd_wake its own WAV with 3 wake-word requests, "
+        "the others the same one) (medians over rounds):",
         "",
         "| client | CPU % | peak RSS MB | tool turns per round | responses per round |",
         "|---|---|---|---|---|",
     ]
     labels = {
-        "harkd": "harkd run (WAV mic, null speaker)",
+        "harkd": "harkd run, default config (16 kHz WAV mic, null speaker)",
+        "harkd_wake": "harkd run, wake word armed, 3 requests (16 kHz WAV mic)",
         "bare": "bare websockets + json + base64 client (floor)",
         "openai": "openai SDK realtime.connect",
         "agents": "openai-agents RealtimeRunner",
