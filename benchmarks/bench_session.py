@@ -536,14 +536,23 @@ def cost_audio(workdir: Path, seconds: float = 64.0) -> Path:
     return write_wav(workdir / "session.wav", timeline(seconds * 1000, [12000, 36000], 1500))
 
 
-def harkd_client(url: str, wav: Path, workdir: Path) -> Client:
+def harkd_client(url: str, wav: Path, workdir: Path, capture_rate: int | None = 16000) -> Client:
     """`harkd run` on the default config with the WAV as microphone and a paced null
     speaker (like the peers, which play nothing). The microphone is the WAV at the
     default capture rate, 16 kHz, so harkd resamples to the provider's 24 kHz as a
-    default install does (the peers stream the 24 kHz original)."""
-    mic = to_capture_rate(wav, workdir / "session-16k.wav")
-    config = write_config(workdir / "cost.yaml", url, workdir / "state-c", f"file:{mic}", None)
-    return Client("harkd", [harkd_bin(), "run", "-c", str(config)])
+    default install does (the peers stream the 24 kHz original); `capture_rate=None`
+    gives harkd the peers' WAV itself (client `harkd_24k`: the same audio, no
+    resampling)."""
+    name = "harkd" if capture_rate else "harkd_24k"
+    mic = (
+        to_capture_rate(wav, workdir / f"session-{capture_rate}.wav", capture_rate)
+        if capture_rate
+        else wav
+    )
+    config = write_config(
+        workdir / f"cost-{name}.yaml", url, workdir / f"state-{name}", f"file:{mic}", None
+    )
+    return Client(name, [harkd_bin(), "run", "-c", str(config)])
 
 
 WAKE_TURNS_AT_S = (4.0, 24.0, 44.0)

@@ -13,12 +13,13 @@ Phases (all on loopback, same machine, same run; about 18 minutes on 2 cores):
              resampled to 24 kHz) and the peers (benchmarks/peers.py: the `bare`
              websockets + json + base64 client, the floor of issue 19, the `openai`
              SDK realtime connection and an `openai-agents` RealtimeRunner session)
-             stream the same 64 s WAV with two tool-calling turns side by side, and
-             `harkd run` with the wake word armed and connected streams its own WAV
-             with three wake-word requests; CPU and peak RSS over the same 60 s
-             window. Ratios are taken within
-             each round, then the median over rounds is reported (5 rounds: on a
-             shared machine one round can be 20% off either way);
+             stream the same 64 s WAV with two tool-calling turns side by side;
+             `harkd_24k` is harkd on the peers' 24 kHz WAV itself (no resampling),
+             and `harkd_wake` harkd with the wake word armed and connected on its
+             own WAV with three wake-word requests; CPU and peak RSS over the same
+             60 s window. Ratios are taken within each round, then the median over
+             rounds is reported (5 rounds: on a shared machine one round can be 20%
+             off either way);
 5. wake      benchmarks/bench_wake.py: CPU of `harkd run` waiting for a wake word
              (silent room, non-wake speech) beside the engine's own CLI, no traffic
              with `connect: on_demand`; wake word end -> B/wake, first audio, session
@@ -149,7 +150,7 @@ def median(values: list[float]) -> float | None:
 
 
 def summarize_cost(rounds: list[dict[str, Any]], workdir: Path) -> dict[str, Any]:
-    names = ["harkd", "harkd_wake", *PEERS]
+    names = ["harkd", "harkd_24k", "harkd_wake", *PEERS]
     per_client: dict[str, Any] = {}
     for name in names:
         ok = [r[name] for r in rounds if "cpu_percent" in r.get(name, {})]
@@ -168,31 +169,28 @@ def summarize_cost(rounds: list[dict[str, Any]], workdir: Path) -> dict[str, Any
             with contextlib.suppress(ValueError):
                 lines = out.read_text().strip().splitlines()
                 per_client[name]["last_summary"] = json.loads(lines[-1]) if lines else None
-    ratios: dict[str, Any] = {}
-    for peer in PEERS:
-        cpu, rss = [], []
-        for r in rounds:
-            h, p = r.get("harkd", {}), r.get(peer, {})
-            if "cpu_percent" in h and "cpu_percent" in p and p["cpu_percent"] > 0:
-                cpu.append(h["cpu_percent"] / p["cpu_percent"])
-                rss.append(h["peak_rss_mb"] / p["peak_rss_mb"])
-        ratios[peer] = {
-            "cpu": median(cpu),
-            "cpu_range": [round(min(cpu), 3), round(max(cpu), 3)] if cpu else None,
-            "peak_rss": median(rss),
-            "rounds": len(cpu),
-        }
-    wake_cpu = [
-        r["harkd_wake"]["cpu_percent"] / r["bare"]["cpu_percent"]
-        for r in rounds
-        if "cpu_percent" in r.get("harkd_wake", {}) and r.get("bare", {}).get("cpu_percent")
-    ]
-    wake_ratio = {
-        "cpu": median(wake_cpu),
-        "cpu_range": [round(min(wake_cpu), 3), round(max(wake_cpu), 3)] if wake_cpu else None,
-        "rounds": len(wake_cpu),
+    return {
+        "clients": per_client,
+        "harkd_ratio_to": {peer: ratio_to(rounds, "harkd", peer) for peer in PEERS},
+        "wake_ratio_to_bare": ratio_to(rounds, "harkd_wake", "bare"),
+        "same_audio_ratio_to": {peer: ratio_to(rounds, "harkd_24k", peer) for peer in PEERS},
     }
-    return {"clients": per_client, "harkd_ratio_to": ratios, "wake_ratio_to_bare": wake_ratio}
+
+
+def ratio_to(rounds: list[dict[str, Any]], name: str, peer: str) -> dict[str, Any]:
+    """Client `name`'s CPU and peak RSS over `peer`'s, per round, then the median."""
+    cpu, rss = [], []
+    for r in rounds:
+        h, p = r.get(name, {}), r.get(peer, {})
+        if "cpu_percent" in h and "cpu_percent" in p and p["cpu_percent"] > 0:
+            cpu.append(h["cpu_percent"] / p["cpu_percent"])
+            rss.append(h["peak_rss_mb"] / p["peak_rss_mb"])
+    return {
+        "cpu": median(cpu),
+        "cpu_range": [round(min(cpu), 3), round(max(cpu), 3)] if cpu else None,
+        "peak_rss": median(rss),
+        "rounds": len(cpu),
+    }
 
 
 async def measure(workdir: Path, log: Any) -> dict[str, Any]:
@@ -238,10 +236,11 @@ async def measure_cost(server: bs.StampedServer, workdir: Path, log: Any) -> dic
     wav = bs.cost_audio(workdir)
     rounds = []
     for index in range(COST_ROUNDS):
-        log(f"cost round {index + 1}/{COST_ROUNDS}: harkd, harkd_wake, {', '.join(PEERS)}")
         clients = [bs.harkd_client(server.url, wav, workdir)]
+        clients.append(bs.harkd_client(server.url, wav, workdir, capture_rate=None))
         clients.append(bs.harkd_wake_client(server.url, workdir))
         clients += [peer_client(kind, server.url, wav) for kind in PEERS]
+        log(f"cost round {index + 1}/{COST_ROUNDS}: {', '.join(c.name for c in clients)}")
         # Rotate the start order: the first one started streams longest before
         # the window opens.
         first = index % len(clients)
@@ -385,6 +384,19 @@ def cost_rows(cost: dict[str, Any]) -> list[tuple[str, str, str, str, bool | Non
                 ok,
             )
         )
+    same = cost.get("same_audio_ratio_to", {})
+    for peer in PEERS:
+        if peer in same:
+            rows.append(
+                (
+                    f"CPU ratio harkd on the peers' 24 kHz WAV (no resampling) / "
+                    f"{PEER_LABELS[peer]}",
+                    _fmt(same[peer]["cpu"], "x"),
+                    f"median of {same[peer]['rounds']} per-round ratios{_range(same[peer])}",
+                    "-",
+                    None,
+                )
+            )
     rows += wake_cost_rows(cost)
     for peer in PEERS:
         note = (
@@ -572,7 +584,7 @@ def cost_table(cost: dict[str, Any]) -> list[str]:
     """Each client's medians over the cost rounds."""
     lines = [
         "",
-        f"Cost rounds: {COST_ROUNDS} x {COST_WINDOW_S:g} s window, all {len(PEERS) + 2} "
+        f"Cost rounds: {COST_ROUNDS} x {COST_WINDOW_S:g} s window, all {len(PEERS) + 3} "
         "clients streaming side by side (harkd_wake its own WAV with 3 wake-word requests, "
         "the others the same one) (medians over rounds):",
         "",
@@ -581,6 +593,7 @@ def cost_table(cost: dict[str, Any]) -> list[str]:
     ]
     labels = {
         "harkd": "harkd run, default config (16 kHz WAV mic, null speaker)",
+        "harkd_24k": "harkd run, default config, the peers' 24 kHz WAV (no resampling)",
         "harkd_wake": "harkd run, wake word armed, 3 requests (16 kHz WAV mic)",
         "bare": "bare websockets + json + base64 client (floor)",
         "openai": "openai SDK realtime.connect",
