@@ -422,7 +422,27 @@ async def startup(url: str, pulse: Any, workdir: Path, runs: int = 5) -> dict[st
             await _terminate(proc)
             sock.close()
             path.unlink(missing_ok=True)
-    return {"startup_s": summary(times)}
+    return {"startup_s": summary(times), **await help_startup(runs)}
+
+
+async def help_startup(runs: int) -> dict[str, Any]:
+    """exec `harkd --help` -> exit, beside the interpreter alone (`python -c pass`, the
+    floor every Python program pays), alternating, `runs` times each."""
+    commands = {
+        "help_s": [harkd_bin(), "--help"],
+        "python_s": [sys.executable, "-c", "pass"],
+    }
+    times: dict[str, list[float]] = {key: [] for key in commands}
+    for _ in range(runs):
+        for key, argv in commands.items():
+            started = time.monotonic()
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+            )
+            if await proc.wait() != 0:
+                raise RuntimeError(f"{' '.join(argv)} failed")
+            times[key].append(time.monotonic() - started)
+    return {key: summary(values) for key, values in times.items()}
 
 
 # --------------------------------------------------------------------------- cost
