@@ -11,8 +11,8 @@ Per round, reported as medians over rounds (JSON on stdout when run alone):
 - double_talk_share: webrtcvad's voiced 20 ms frames of the user's sentence while the
   assistant speaks, over the same sentence said in a quiet room (target >= 0.9); also
   for AEC3's output before the residual gate (`double_talk_share_aec3`);
-- cpu_percent: CPU time of the stage per second of audio, % of one core (offline, on
-  the audio the room delivered);
+- cpu_percent: CPU time of the stage (AEC3 and the residual gate) per second of
+  audio, % of one core (offline, on the audio the room delivered);
 - barge_in_ms: with the whole client (fake server, server VAD, barge_in + echo
   cancellation): onset of the user's speech in the room -> the daemon's speaker stream
   silent.
@@ -44,7 +44,7 @@ from e2e import Running, until  # noqa: E402
 from echo_room import ANSWER, KEY, EchoRoom, record_speaker, speak  # noqa: E402
 from harkd.audio.alsa import AlsaInput, AlsaOutput  # noqa: E402
 from harkd.audio.base import AudioFrame  # noqa: E402
-from harkd.audio.echo import AudioProcessing, processing_stages  # noqa: E402
+from harkd.audio.echo import AudioProcessing, ResidualGate, processing_stages  # noqa: E402
 from harkd.config import ProcessingConfig  # noqa: E402
 from harkd.testing import FakeRealtimeServer, FakeScript  # noqa: E402
 from pulse_fixture import SINK, PulseServer, Recording  # noqa: E402
@@ -68,41 +68,49 @@ def _energy(x: npt.NDArray[np.int16]) -> float:
 
 
 class _Trace:
-    """Frames through the stage: raw mic, AEC3 output, gated output, reference."""
+    """Audio through the stage, as streams: raw mic, reference, AEC3 output, gated
+    output. The stage may hold audio back (a frame waiting for its reference, the
+    gate's look-ahead) and hand it on with a later frame, so its output is lined up
+    with the input by position in the stream, not by call."""
 
     def __init__(self, stage: AudioProcessing) -> None:
         self.stage = stage
-        self.rows: list[tuple[float, Any, Any, Any, float]] = []
-        self.raw: list[bytes] = []
-        self.far: list[bytes] = []
+        self.frames: list[tuple[float, int]] = []  # (capture stamp, samples) per frame
+        self._streams: dict[str, list[Any]] = {"near": [], "far": [], "aec": [], "gated": []}
         gate = stage._gate  # noqa: SLF001 - the bench reads both sides of the gate
         original = gate.apply
 
-        def apply(near: Any, far: Any, out: Any) -> Any:
-            gated = original(near, far, out)
-            self._pending = (out.copy(), gated.copy(), far.copy())
+        def apply(near: Any, far: Any, out: Any, **options: Any) -> Any:
+            gated = original(near, far, out, **options)
+            for name, chunk in (("near", near), ("far", far), ("aec", out), ("gated", gated)):
+                self._streams[name].append(chunk.copy())
             return gated
 
         gate.apply = apply  # type: ignore[method-assign]
-        self._pending: tuple[Any, Any, Any] | None = None
 
     def process(self, frame: AudioFrame) -> None:
-        self._pending = None
+        self.frames.append((frame.captured_at, len(frame.pcm) // 2))
         self.stage.process(frame)
-        near = np.frombuffer(frame.pcm, dtype="<i2")
-        if self._pending is not None:
-            aec, gated, far = self._pending
-            self.rows.append(
-                (
-                    frame.captured_at,
-                    near,
-                    aec,
-                    gated,
-                    float(np.sqrt(np.mean(far.astype(float) ** 2))),
-                )
-            )
-            self.raw.append(frame.pcm)
-            self.far.append(far.astype("<i2").tobytes())
+
+    def stream(self, name: str) -> npt.NDArray[np.int16]:
+        chunks = self._streams[name]
+        return np.concatenate(chunks).astype(np.int16) if chunks else np.zeros(0, np.int16)
+
+    @property
+    def rows(self) -> list[tuple[float, Any, Any, Any, float]]:
+        """Per input frame: (stamp, mic, AEC3 output, gated output, reference RMS)."""
+        near, far, aec, gated = (self.stream(n) for n in ("near", "far", "aec", "gated"))
+        rows = []
+        offset = 0
+        for stamp, count in self.frames:
+            end = offset + count
+            if end > len(gated):
+                break  # still held in the stage when the pass ended
+            part = slice(offset, end)
+            rms = float(np.sqrt(np.mean(far[part].astype(float) ** 2)))
+            rows.append((stamp, near[part], aec[part], gated[part], rms))
+            offset = end
+        return rows
 
 
 async def _room_pass(
@@ -225,17 +233,20 @@ async def _alone(
 
 
 def _cpu_percent(trace: _Trace) -> float:
-    """Process the recorded mic and reference again through a fresh canceller."""
+    """Process the recorded mic and reference again through a fresh canceller and
+    residual gate, 20 ms at a time."""
     from pywebrtc_audio import AudioProcessor
 
     apm = AudioProcessor(RATE, echo_cancellation=True)
-    near = [np.frombuffer(p, dtype="<i2") for p in trace.raw]
-    far = [np.frombuffer(p, dtype="<i2") for p in trace.far]
+    gate = ResidualGate(RATE)
+    near, far = trace.stream("near"), trace.stream("far")
+    usable = len(near) - len(near) % FRAME
     started = time.thread_time()
-    for n, f in zip(near, far, strict=True):
-        apm.process(n, f)
+    for start in range(0, usable, FRAME):
+        n, f = near[start : start + FRAME], far[start : start + FRAME]
+        gate.apply(n, f, apm.process(n, f))
     used = time.thread_time() - started
-    return 100 * used / (sum(len(n) for n in near) / RATE)
+    return 100 * used / (usable / RATE)
 
 
 async def barge_in_round(pulse: PulseServer, user_wav: Path) -> float | None:

@@ -105,3 +105,31 @@ async def test_barge_in_silences_the_room_and_reports_what_was_heard(
     assert (silent - onset) * BLOCK / 24 == pytest.approx(300, abs=15)
     assert 280 < drained_after_ms < 450
     assert speaker.played_ms("b") == 300
+
+
+async def test_an_answer_whose_end_underruns_is_still_reported_heard(pulse: PulseServer) -> None:
+    """On a busy machine the playback thread can wake too late to write the silence
+    that ends an answer: the device underruns on the last audio. That answer was
+    heard all the same; unreported, the assistant would never finish speaking."""
+    speaker = AlsaOutput("pulse", rate=24000, period_ms=20)
+    await speaker.start(Listener())
+    service = speaker._service  # noqa: SLF001 - a thread that wakes late at the end
+
+    def late(pcm: object) -> tuple[float, bool]:
+        ending = not (speaker._buffer.has_audio or speaker._remainder)  # noqa: SLF001
+        if ending and speaker._running and not speaker._padded:  # noqa: SLF001
+            time.sleep(0.2)
+        return service(pcm)  # type: ignore[arg-type]
+
+    speaker._service = late  # type: ignore[method-assign]  # noqa: SLF001
+    drained = asyncio.Event()
+    speaker.on_drained(drained.set)
+    try:
+        for item in ("a", "b"):  # the device is ready again after it
+            drained.clear()
+            speaker.play(item, tone(300))
+            await asyncio.wait_for(drained.wait(), 3)
+            assert not speaker.is_playing
+            assert speaker.played_ms(item) == 300
+    finally:
+        await speaker.stop()

@@ -64,12 +64,6 @@ async def test_its_own_answer_opens_no_turn_and_does_not_barge_in(
             assert_all_valid(server)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known defect (issue 15 left open): in about 1 run in 3 the answer is cut "
-    "before 1.5 s have played, so the canceller's leak gate still lets its own voice "
-    "barge in now and then",
-)
 async def test_the_users_voice_over_the_answer_barges_in_and_is_answered(
     pulse: PulseServer, user_wav: Path
 ) -> None:

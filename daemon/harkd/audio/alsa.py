@@ -425,6 +425,7 @@ class AlsaOutput(_Edge):
         self._channels = 1
         self._running = False  # audio written since the stream was last prepared
         self._padded = False  # the silence tail is in the device
+        self._ran_dry = False  # it underran while running: what it held was all heard
         self._remainder = b""  # popped mono audio the device has not accepted yet
         self._recent = b""  # the last frames written (mono): what a loss rewinds
         self._in_device = 0  # frames in the device at the last measure, plus writes since
@@ -482,6 +483,7 @@ class AlsaOutput(_Edge):
             self._tell_dropped()
             self._running = False
             self._padded = False
+            self._ran_dry = False
             self._remainder = b""
             self._recent = b""
             self._in_device = 0
@@ -767,6 +769,12 @@ class AlsaOutput(_Edge):
             # Sleep until a period of room frees up.
             room_in = (self._period - avail) / rate
             return max(period_s / 4, room_in), False
+        if self._ran_dry and not self._running:
+            # The answer's end underran before its silence tail was written (the thread
+            # woke late on a busy machine): it was heard all the same, and said so.
+            self._ran_dry = False
+            self._buffer.forget_played()
+            return IDLE_CHECK_S, True
         if self._running:
             if unplayed > 0:
                 # Wake when it is time to pad (before) or to stop (after padding).
@@ -827,6 +835,7 @@ class AlsaOutput(_Edge):
             if xrun and (self._buffer.unplayed_frames(0) > 0 or self._buffer.has_audio):
                 log.debug("%s: playback underrun", self.name)
             # Everything queued was played (xrun) or dropped: the device holds nothing.
+            self._ran_dry = xrun and self._running
             self._running = False
             self._padded = False
             self._rearm(pcm)
@@ -860,6 +869,7 @@ class AlsaOutput(_Edge):
             self._played_sink.played(data[: 2 * written], rate, starts_at)
         if written:
             self._running = True
+            self._ran_dry = False
             self._total_written += written
             self._buffer.record_written(written)
             self._in_device += written

@@ -9,6 +9,11 @@ and the count is re-anchored when the stamps say it went wrong (frames lost, a d
 reopened, clocks drifted). AEC3 estimates the remaining delay itself (the sound
 server's latency, the air); `delay_ms` is its starting guess.
 
+A frame whose span reaches past what the speaker has written so far waits for the
+next frame (at most `REFERENCE_WAIT_S`): the playback thread writes only a period or
+two ahead of the ear, and a span read too early would lack its last milliseconds for
+good (the canceller then lets the echo of that part through).
+
 The stage logs once when the canceller has converged: when, over a second of speaker
 audio, it removes `CONVERGED_DB` of what the microphone picked up, with the echo's
 delay behind the reference (measured by cross-correlation, since the library exposes
@@ -29,7 +34,7 @@ import numpy.typing as npt
 from pywebrtc_audio import AudioProcessor
 
 from harkd.audio.base import AudioFrame
-from harkd.audio.reference import PlayedReference, ReportsPlayed
+from harkd.audio.reference import JOIN_TOLERANCE_S, PlayedReference, ReportsPlayed
 from harkd.config import ProcessingConfig
 
 log = logging.getLogger(__name__)
@@ -66,6 +71,12 @@ much, move the count on by the least of them: frames were lost on the way (the
 capture queue drops the oldest when the machine is busy) or the device reopened. A
 late stamp alone is scheduling jitter, gone by the next frames."""
 LATE_WINDOW = 10
+REFERENCE_WAIT_S = 0.04
+"""How long a frame may wait for the reference of its span to be written. Through
+PulseAudio the playback thread's writes reach only 30-60 ms past the moment they are
+made, and the span of a frame just captured ends `READ_AHEAD_S` after its stamp: read
+at once, a quarter of the frames lacked up to their last 10 ms (measured in the
+PulseAudio room), and AEC3, given silence for audio that did play, let it through."""
 RESIDUAL_GATE_DB = 15.0
 """While the speaker plays, a 10 ms block the canceller made this much quieter than
 the mic heard it is echo that got through: it is silenced, so no VAD takes the
@@ -119,6 +130,8 @@ class AudioProcessing:
         self._pending_far = np.zeros(0, dtype=np.int16)
         self._cursor: int | None = None  # reference sample index of the next mic sample
         self._lateness: deque[int] = deque(maxlen=LATE_WINDOW)  # stamped - counted
+        # Frames waiting for their reference: (samples, reference index of the first).
+        self._waiting: list[tuple[npt.NDArray[np.int16], int]] = []
         self._settling = False  # the last frame is within ONSET_GUARD_S of a new stream
         self._gate = ResidualGate(sample_rate)
         self.convergence = Convergence(sample_rate) if self._reference is not None else None
@@ -134,9 +147,15 @@ class AudioProcessing:
 
     def process(self, frame: AudioFrame) -> AudioFrame | None:
         """The frame with echo removed (and noise, gain as configured); None while a
-        frame shorter than a 10 ms block is being regrouped."""
+        frame shorter than a 10 ms block is being regrouped, or waits for its reference
+        (it then comes out with the next one, stamped as that one)."""
         near = np.frombuffer(frame.pcm, dtype="<i2")
-        far = self._far(frame, len(near)) if self._reference is not None else None
+        far = None
+        if self._reference is not None:
+            self._waiting.append((near, self._span(frame, len(near))))
+            if self._must_wait():
+                return None
+            near, far = self._take_waiting()
         near, far = self._regroup(near, far)
         if len(near) == 0:
             return None
@@ -147,8 +166,30 @@ class AudioProcessing:
         pcm = out.astype("<i2", copy=False).tobytes()
         return AudioFrame(pcm, self.sample_rate, frame.captured_at)
 
-    def _far(self, frame: AudioFrame, count: int) -> npt.NDArray[np.int16]:
-        """The reference for the span this frame covers."""
+    def _must_wait(self) -> bool:
+        """Whether the newest frame's reference is still being written (and the frames
+        before it have not waited `REFERENCE_WAIT_S` already)."""
+        assert self._reference is not None
+        near, start = self._waiting[-1]
+        held = sum(len(n) for n, _ in self._waiting[:-1])
+        if held >= REFERENCE_WAIT_S * self.sample_rate:
+            return False
+        written = self._reference.written_until()
+        # A stream that ended before this span (more than a write's jitter) is silence.
+        ended = JOIN_TOLERANCE_S * self.sample_rate
+        return written is not None and start - ended < written < start + len(near)
+
+    def _take_waiting(self) -> tuple[npt.NDArray[np.int16], npt.NDArray[np.int16]]:
+        """The waiting frames' samples, end to end, and their reference."""
+        assert self._reference is not None
+        waiting, self._waiting = self._waiting, []
+        fars = [self._reference.read(start, len(near)) for near, start in waiting]
+        if len(waiting) == 1:
+            return waiting[0][0], fars[0]
+        return np.concatenate([near for near, _ in waiting]), np.concatenate(fars)
+
+    def _span(self, frame: AudioFrame, count: int) -> int:
+        """The reference index of the first sample of the span this frame covers."""
         assert self._reference is not None
         stamped = round((frame.captured_at + READ_AHEAD_S) * self.sample_rate) - count
         cursor = self._cursor
@@ -164,7 +205,7 @@ class AudioProcessing:
         self._cursor = cursor + count
         since_start = frame.captured_at - self._reference.stream_start
         self._settling = since_start < ONSET_GUARD_S
-        return self._reference.read(cursor, count)
+        return cursor
 
     def _regroup(
         self, near: npt.NDArray[np.int16], far: npt.NDArray[np.int16] | None

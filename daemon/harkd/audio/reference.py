@@ -101,6 +101,12 @@ class PlayedReference:
             self._put(self._cursor, samples)
             self._cursor += len(samples)
 
+    def written_until(self) -> int | None:
+        """Sample index where the current stream's next write goes (what lies beyond
+        is not written yet); None after a drop, or before anything was played."""
+        with self._lock:
+            return self._cursor
+
     def dropped(self, at: float) -> None:
         """Erase what was written for times after `at`; the next write starts afresh."""
         with self._lock:
