@@ -95,14 +95,16 @@ def pi_projection() -> dict[str, Any]:
         "range": list(PI_FACTOR_RANGE),
         "this_cpu": cpu,
         "basis": (
-            "an estimate, not a measurement: this host reports an AMD EPYC of CPU family "
-            "26 (Zen 5) at 2.6 GHz nominal (a VM; its boost clock is unknown); a Pi Zero 2 W "
+            "an estimate, not a measurement, derived for an AMD EPYC of CPU family 26 "
+            "(Zen 5) at 2.6 GHz nominal (a VM; its boost clock is unknown); a Pi Zero 2 W "
             "core is an in-order, dual-issue Cortex-A53 at 1.0 GHz. Clock ratio 2.6-3.7x "
             "times a per-clock single-thread ratio of about 4-5x for a wide out-of-order "
             "core against the A53 on branchy interpreter code (CPython) gives 10-20x; "
             "15x is used. Published single-core scores (e.g. Geekbench) of A53 boards "
             "against current server cores sit at or above the top of that range, so the "
-            "projection may be optimistic; only a run on a Pi settles it."
+            "projection may be optimistic; only a run on a Pi settles it. This run's host "
+            f"reports {cpu}: on a slower host than that EPYC (compare the wake engine's "
+            "own CPU, 0.47 % of a core there) the same factor overstates the Pi's load."
         ),
     }
 
