@@ -769,20 +769,17 @@ class AlsaOutput(_Edge):
             # Sleep until a period of room frees up.
             room_in = (self._period - avail) / rate
             return max(period_s / 4, room_in), False
-        if self._ran_dry and not self._running:
-            # The answer's end underran before its silence tail was written (the thread
-            # woke late on a busy machine): it was heard all the same, and said so.
-            self._ran_dry = False
-            self._buffer.forget_played()
-            return IDLE_CHECK_S, True
-        if self._running:
-            if unplayed > 0:
-                # Wake when it is time to pad (before) or to stop (after padding).
-                until = unplayed if self._padded else unplayed - self._period
-                return max(period_s / 4, until / rate), False
+        if self._running and unplayed > 0:
+            # Wake when it is time to pad (before) or to stop (after padding).
+            until = unplayed if self._padded else unplayed - self._period
+            return max(period_s / 4, until / rate), False
+        if self._running or self._ran_dry:
             # Everything real was heard; only silence (if anything) remains: stop cleanly.
+            # Also when the answer's end underran before its silence tail was written
+            # (the thread woke late on a busy machine): it was heard all the same.
             self._running = False
             self._padded = False
+            self._ran_dry = False
             self._in_device = 0
             self._rearm(pcm)
             self._buffer.forget_played()
