@@ -80,8 +80,8 @@ class _Trace:
         gate = stage._gate  # noqa: SLF001 - the bench reads both sides of the gate
         original = gate.apply
 
-        def apply(near: Any, far: Any, out: Any, **options: Any) -> Any:
-            gated = original(near, far, out, **options)
+        def apply(near: Any, far: Any, out: Any) -> Any:
+            gated = original(near, far, out)
             for name, chunk in (("near", near), ("far", far), ("aec", out), ("gated", gated)):
                 self._streams[name].append(chunk.copy())
             return gated
@@ -96,9 +96,9 @@ class _Trace:
         chunks = self._streams[name]
         return np.concatenate(chunks).astype(np.int16) if chunks else np.zeros(0, np.int16)
 
-    @property
     def rows(self) -> list[tuple[float, Any, Any, Any, float]]:
-        """Per input frame: (stamp, mic, AEC3 output, gated output, reference RMS)."""
+        """Per input frame: (stamp, mic, AEC3 output, gated output, reference RMS);
+        built from the streams on each call, so call it once the pass is over."""
         near, far, aec, gated = (self.stream(n) for n in ("near", "far", "aec", "gated"))
         rows = []
         offset = 0
@@ -175,19 +175,20 @@ async def canceller_round(pulse: PulseServer, user_wav: Path) -> dict[str, Any]:
         assert stage.convergence is not None
         converge_s = stage.convergence.converged_after_s
         # The second answer: the canceller has converged.
-        half = len(trace.rows) // 2
-        speaking = [r for r in trace.rows[half:] if r[4] > 0.003]
+        rows = trace.rows()
+        speaking = [r for r in rows[len(rows) // 2 :] if r[4] > 0.003]
         mic = sum(_energy(r[1]) for r in speaking)
         erle_aec3 = 10 * np.log10(mic / max(1.0, sum(_energy(r[2]) for r in speaking)))
         erle = 10 * np.log10(mic / max(1.0, sum(_energy(r[3]) for r in speaking)))
         # Double talk: the user over a third answer, then alone in a quiet room.
         talk, user_at, user_s = await _room_pass(pulse, stage, output, 1, user_wav)
         assert user_at is not None
-        over = _voiced(talk.rows, user_at, user_at + user_s + 0.5, 3)
-        over_aec3 = _voiced(talk.rows, user_at, user_at + user_s + 0.5, 2)
+        talk_rows = talk.rows()
+        over = _voiced(talk_rows, user_at, user_at + user_s + 0.5, 3)
+        over_aec3 = _voiced(talk_rows, user_at, user_at + user_s + 0.5, 2)
         quiet_stage = processing_stages(ProcessingConfig(echo_cancellation=True), RATE, output)[0]
         alone, alone_at, _ = await _alone(pulse, quiet_stage, user_wav)
-        alone_voiced = _voiced(alone.rows, alone_at, alone_at + user_s + 0.5, 3)
+        alone_voiced = _voiced(alone.rows(), alone_at, alone_at + user_s + 0.5, 3)
         # CPU: the stage again, offline, over the audio the room delivered.
         cpu = _cpu_percent(trace)
     finally:

@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from harkd.audio.resample import StreamResampler  # noqa: E402
+from harkd.audio.wav import read_wav  # noqa: E402
 from harkd.testing import fake_server as fs  # noqa: E402
 from harkd.testing.fake_server import (  # noqa: E402
     FakeRealtimeServer,
@@ -583,7 +584,6 @@ def harkd_wake_client(url: str, workdir: Path, seconds: float = 64.0) -> Client:
     """`harkd run` with the wake word armed on a connected session (issue 19's second
     workload): room noise with three requests, each a sentence without the wake word
     and then "okay nabu, what time is it" (the demo's bundled recording)."""
-    from harkd.audio.wav import read_wav
     from harkd.demo import WAKE_INPUT
 
     speech, rate = read_wav(Path(str(files("harkd") / "data" / WAKE_INPUT)))
@@ -607,10 +607,9 @@ def harkd_wake_client(url: str, workdir: Path, seconds: float = 64.0) -> Client:
 
 
 def to_capture_rate(wav: Path, out: Path, rate: int = 16000) -> Path:
-    """`wav` (24 kHz) as a `rate` WAV."""
-    with wave.open(str(wav), "rb") as src:
-        pcm = src.readframes(src.getnframes())
-    return write_wav(out, to_rate(pcm, RATE, rate), rate)
+    """`wav` as a `rate` WAV."""
+    pcm, in_rate = read_wav(wav)
+    return write_wav(out, to_rate(pcm, in_rate, rate), rate)
 
 
 def to_rate(pcm: bytes, in_rate: int, out_rate: int) -> bytes:

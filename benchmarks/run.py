@@ -84,6 +84,8 @@ COST_ROUNDS = 5
 ECHO_ROUNDS = 3
 COST_WINDOW_S = 60.0
 PEERS = ("bare", "openai", "agents")
+HARKD_CLIENTS = ("harkd", "harkd_24k", "harkd_wake")
+"""The daemon's clients of a cost round: default config, on the peers' WAV, wake armed."""
 PEER_LABELS = {
     "bare": "bare websockets client (floor)",
     "openai": "openai SDK",
@@ -153,7 +155,7 @@ def median(values: list[float]) -> float | None:
 
 
 def summarize_cost(rounds: list[dict[str, Any]], workdir: Path) -> dict[str, Any]:
-    names = ["harkd", "harkd_24k", "harkd_wake", *PEERS]
+    names = [*HARKD_CLIENTS, *PEERS]
     per_client: dict[str, Any] = {}
     for name in names:
         ok = [r[name] for r in rounds if "cpu_percent" in r.get(name, {})]
@@ -599,7 +601,8 @@ def cost_table(cost: dict[str, Any]) -> list[str]:
     """Each client's medians over the cost rounds."""
     lines = [
         "",
-        f"Cost rounds: {COST_ROUNDS} x {COST_WINDOW_S:g} s window, all {len(PEERS) + 3} "
+        f"Cost rounds: {COST_ROUNDS} x {COST_WINDOW_S:g} s window, "
+        f"all {len(HARKD_CLIENTS) + len(PEERS)} "
         "clients streaming side by side (harkd_wake its own WAV with 3 wake-word requests, "
         "the others the same one) (medians over rounds):",
         "",
