@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
 import numpy as np
@@ -22,8 +22,9 @@ from harkd.audio.pipeline import (
     capture_pipeline,
 )
 from harkd.audio.vad import Endpointer, TurnOpened
+from harkd.audio.wakeword import WakeDetection
 from harkd.audio.wav import NullOutput
-from harkd.capture import Capture
+from harkd.capture import ASLEEP_BATCH, Capture
 from harkd.client import RealtimeClient
 from harkd.config import VadConfig
 from harkd.session import Session
@@ -110,22 +111,55 @@ class ThreadRecorder:
 
 
 class Frames:
+    """`count` frames of silence; `then[n]` runs once frame n (from 1) was handled."""
+
     sample_rate = 16_000
     name = "frames"
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, then: dict[int, Callable[[], None]] | None = None) -> None:
         self._count = count
+        self._then = then or {}
+        self._delivered = 0
+        self.batches: list[tuple[int, int]] = []
+        """(frames delivered, periods) of each `batch` call."""
 
     async def start(self, listener: DeviceListener) -> None:
         pass
 
     async def frames(self) -> AsyncIterator[AudioFrame]:
-        for _ in range(self._count):
+        for index in range(1, self._count + 1):
+            if index - 1 in self._then:
+                self._then[index - 1]()
+            self._delivered = index
             yield silence(16_000, 20)
             await asyncio.sleep(0)
 
     async def stop(self) -> None:
         pass
+
+    def batch(self, periods: int) -> None:
+        self.batches.append((self._delivered, periods))
+
+
+class WordAt:
+    """A wake word detector that hears its word in frame `at` (from 1)."""
+
+    heavy = False
+
+    def __init__(self, at: int) -> None:
+        self._at = at
+        self._seen = 0
+        self._found: list[WakeDetection] = []
+
+    def process(self, frame: AudioFrame) -> AudioFrame:
+        self._seen += 1
+        if self._seen == self._at:
+            self._found.append(WakeDetection("okay_nabu", 0.99, 0.1, frame.captured_at))
+        return frame
+
+    def take(self) -> list[WakeDetection]:
+        found, self._found = self._found, []
+        return found
 
 
 async def test_heavy_stages_run_off_the_event_loop() -> None:
@@ -141,6 +175,31 @@ async def test_heavy_stages_run_off_the_event_loop() -> None:
     )
     await capture.run(Frames(5))
     assert heavy.threads and threading.get_ident() not in heavy.threads
+
+
+async def test_a_sleeping_ear_takes_frames_in_batches_and_one_by_one_once_woken() -> None:
+    # Asleep only the wake word detector hears the audio: the microphone may hand it
+    # over a few periods at a time. From the wake word on, frames come one by one.
+    capture = Capture(
+        Session("manual"),
+        lambda effects: None,
+        lambda: None,
+        provider_rate=24_000,
+        vad=VadConfig(),
+        wake=WordAt(10),
+    )
+    capture.on_wake = lambda detection: capture.listen(5.0)
+    source = Frames(30, then={20: capture.forget_held})  # another device answers
+    await capture.run(source)
+    # Back asleep (after frame 20), batching resumes with the next frame.
+    assert source.batches == [(1, ASLEEP_BATCH), (10, 1), (21, ASLEEP_BATCH)]
+
+
+async def test_without_a_wake_word_frames_are_never_batched() -> None:
+    capture = Capture(Session("manual"), lambda e: None, lambda: None, provider_rate=24_000)
+    source = Frames(10)
+    await capture.run(source)
+    assert source.batches == []
 
 
 def test_a_speaker_fed_at_another_rate_than_the_provider_speaks_is_refused() -> None:

@@ -62,6 +62,27 @@ async def test_wav_input_is_paced_and_ends_in_silence(tmp_path: Path) -> None:
     assert stamps == sorted(stamps)
 
 
+async def test_wav_input_batched_delivers_the_same_audio_in_bursts(tmp_path: Path) -> None:
+    samples = ramp(16000 * 3 // 10)  # 300 ms: 15 frames
+    mic = WavInput(write_wav(tmp_path / "in.wav", samples, 16000), period_ms=20)
+    await mic.start(Listener())
+    mic.batch(3)
+    frames, arrivals = [], []
+    started = time.monotonic()
+    async for frame in mic.frames():
+        frames.append(frame)
+        arrivals.append(time.monotonic())
+        if len(frames) == 15:
+            break
+    await mic.stop()
+    assert b"".join(f.pcm for f in frames) == samples.tobytes()
+    assert 0.27 < arrivals[-1] - started < 0.5  # still real time
+    bursts = sum(1 for a, b in zip(arrivals, arrivals[1:], strict=False) if b - a > 0.01)
+    assert bursts <= 6  # 5 hand-offs of 3 frames, not 15 of one
+    stamps = [f.captured_at for f in frames]
+    assert stamps == sorted(stamps) and stamps[-1] - stamps[0] == pytest.approx(0.28, abs=0.01)
+
+
 async def test_wav_input_loops_and_picks_a_channel(tmp_path: Path) -> None:
     left, right = ramp(480), -ramp(480)
     path = write_wav(tmp_path / "st.wav", np.stack([left, right], axis=1), 24000)

@@ -43,6 +43,13 @@ log = logging.getLogger(__name__)
 MAX_HELD_S = 30.0
 """Audio held while a session opens is bounded: past this the oldest is let go."""
 
+ASLEEP_BATCH = 5
+"""Frames the microphone hands over at a time while the ear is asleep and the speaker
+silent: only the wake word detector hears that audio, up to 80 ms later (measured: the
+wake word's end to `B/wake` went from 213 to 246 ms), and the capture thread and the
+event loop wake a fifth as often (a daemon waiting for its word: 4.1 -> 1.9 % of a
+core here). Awake, or while an answer plays, frames come one by one."""
+
 
 class Capture:
     """The microphone side of one client."""
@@ -193,6 +200,7 @@ class Capture:
             listening=(lambda: ear.listening) if ear is not None else (lambda: True),
         )
         off_loop = pipeline.off_loop  # the stages are fixed: decided once, not per frame
+        batched = 1
         async for frame in source.frames():
             if off_loop:
                 outputs = await asyncio.to_thread(pipeline.push, frame)
@@ -207,6 +215,13 @@ class Capture:
                     self._hold(output)
                 else:
                     await self._deliver(output)
+            if ear is not None and (batch := self._batch_size(ear)) != batched:
+                source.batch(batch)
+                batched = batch
+
+    def _batch_size(self, ear: Ear) -> int:
+        dozing = not ear.listening and not self.holding and not self._session.speaking
+        return ASLEEP_BATCH if dozing else 1
 
     def _must_hold(self) -> bool:
         # Only a woken device keeps audio back; without a wake word nothing changes.

@@ -2,10 +2,12 @@
 
 Blocking device I/O never touches the event loop. Each direction owns one thread:
 
-* `AlsaInput` opens the PCM non-blocking and waits for each period in `poll`, stamps
-  each read with `time.monotonic()` and hands frames to the loop with
-  `call_soon_threadsafe` into a bounded queue (the oldest frame is dropped, with a
-  rate-limited warning, when the consumer falls behind). A capture that delivers
+* `AlsaInput` opens the PCM non-blocking and waits for each period in `poll`, reads
+  every whole period the device holds, stamps each frame with when it was captured
+  and hands them to the loop with one `call_soon_threadsafe` into a bounded queue (the
+  oldest frame is dropped, with a rate-limited warning, when the consumer falls
+  behind). Told to `batch`, it dozes between reads so that periods collect in the
+  device buffer and move in one wake-up (nobody waits on the audio then). A capture that delivers
   nothing for `STALL_S` has lost its device: a blocking read would wait forever there
   (a suspended PulseAudio source does that, and stays stuck after it resumes).
 * `AlsaOutput` opens the PCM non-blocking and writes from a `PlaybackBuffer`; it
@@ -91,7 +93,11 @@ from harkd.backoff import Backoff
 log = logging.getLogger(__name__)
 
 PERIODS = 4
-"""Periods in the device buffer (80 ms at 20 ms periods)."""
+"""Periods in a playback buffer (80 ms at 20 ms periods)."""
+CAPTURE_PERIODS = 10
+"""Periods in a capture buffer (200 ms): a batch dozes through at most half of it,
+the rest is room for a thread that wakes late. A longer capture buffer adds no
+latency (frames are read as soon as they are wanted)."""
 BACKOFF_INITIAL_S = 0.5
 BACKOFF_MAX_S = 10.0
 JOIN_TIMEOUT_S = 2.0
@@ -258,6 +264,10 @@ class AlsaInput(_Edge):
         # Loop: frames reach it only through _put, called on the loop.
         self._queue: asyncio.Queue[AudioFrame | None] | None = None
         self._warn_dropped = _Throttled(f"{device}: capture consumer too slow, dropped a frame")
+        # Set on the loop, read by the thread (an int: no lock needed); the Event cuts
+        # the thread's doze short when batching ends or the input stops.
+        self._batch = 1
+        self._undozed = threading.Event()
         # Thread:
         self._warn_overrun = _Throttled(f"{device}: capture overrun, recovered")
 
@@ -280,6 +290,19 @@ class AlsaInput(_Edge):
         await self._stop_thread()
         if self._queue is not None:
             self._put(None)
+
+    def batch(self, periods: int) -> None:
+        """Hand frames over `periods` at a time from now on (1: as each is captured)."""
+        self._batch = max(1, periods)
+        if self._batch == 1:
+            self._undozed.set()
+
+    def _wake(self) -> None:
+        self._undozed.set()
+
+    def _put_all(self, frames: list[AudioFrame]) -> None:
+        for frame in frames:
+            self._put(frame)
 
     def _put(self, frame: AudioFrame | None) -> None:
         """On the loop: enqueue, dropping the oldest frame when the consumer lags."""
@@ -360,6 +383,8 @@ class AlsaInput(_Edge):
         for fd, events in pcm.polldescriptors():
             poller.register(fd, events)
         pending = bytearray()
+        frame_s = self._frame_bytes / 2 / self.sample_rate
+        max_doze_s = int(pcm.info()["buffer_size"]) / rate / 2
         last_audio = time.monotonic()
         while not self._stopping.is_set():
             silent_s = time.monotonic() - last_audio
@@ -370,7 +395,6 @@ class AlsaInput(_Edge):
             if not poller.poll((STALL_S - silent_s) * 1000):
                 continue
             frames, data = pcm.read()
-            captured_at = time.monotonic()
             if frames < 0:
                 self._warn_overrun()  # pyalsaaudio already re-prepared the stream
                 continue
@@ -378,17 +402,42 @@ class AlsaInput(_Edge):
                 # Woken without a whole period (a plugin's poll can do that): do not spin.
                 self._stopping.wait(self.period_ms / 2000)
                 continue
+            read = [data]
+            if self._batch > 1:
+                # Whatever else the device holds comes along: one hand-off per wake-up.
+                # (Bounded: a file PCM always has more.)
+                for _ in range(CAPTURE_PERIODS - 1):
+                    more, data = pcm.read()
+                    if more <= 0:
+                        if more < 0:
+                            self._warn_overrun()
+                        break
+                    read.append(data)
+            captured_at = time.monotonic()
             last_audio = captured_at
             self._report_working()
-            data = pick_channel(data, self.channel, channels)
-            if resampler is not None:
-                data = resampler.process(data)
-            pending += data
-            while len(pending) >= self._frame_bytes:
-                chunk = bytes(pending[: self._frame_bytes])
-                del pending[: self._frame_bytes]
-                frame = AudioFrame(chunk, self.sample_rate, captured_at)
-                self._call_soon(self._put, frame)
+            for data in read:
+                data = pick_channel(data, self.channel, channels)
+                pending += resampler.process(data) if resampler is not None else data
+            count = len(pending) // self._frame_bytes
+            if count:
+                # The last frame was captured just now, each earlier one a frame before.
+                size = self._frame_bytes
+                ready = [
+                    AudioFrame(
+                        bytes(pending[i * size : (i + 1) * size]),
+                        self.sample_rate,
+                        captured_at - (count - 1 - i) * frame_s,
+                    )
+                    for i in range(count)
+                ]
+                del pending[: count * size]
+                self._call_soon(self._put_all, ready)
+            self._undozed.clear()  # before the check: a `batch(1)` after it still counts
+            if self._batch > 1:
+                # Nobody waits on this audio now: let the next periods collect in the
+                # device buffer and move them in one go.
+                self._undozed.wait(min(self._batch * self.period_ms / 1000, max_doze_s))
 
 
 class AlsaOutput(_Edge):
@@ -919,7 +968,8 @@ def list_devices() -> str:
 def _open_pcm(
     kind: int, mode: int, device: AlsaInput | AlsaOutput, channels: int, period: int
 ) -> alsaaudio.PCM:
-    """Open `device` as S16_LE at its rate with `PERIODS` periods of `period` frames."""
+    """Open `device` as S16_LE at its rate with periods of `period` frames
+    (`CAPTURE_PERIODS` of them in a capture buffer, `PERIODS` in a playback one)."""
     return alsaaudio.PCM(
         kind,
         mode,
@@ -928,5 +978,5 @@ def _open_pcm(
         rate=device.sample_rate,
         format=alsaaudio.PCM_FORMAT_S16_LE,
         periodsize=period,
-        periods=PERIODS,
+        periods=CAPTURE_PERIODS if kind == alsaaudio.PCM_CAPTURE else PERIODS,
     )

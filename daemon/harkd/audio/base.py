@@ -72,6 +72,11 @@ class AudioInput(Protocol):
     async def stop(self) -> None:
         """Stop capturing and release the device."""
 
+    def batch(self, periods: int) -> None:
+        """Hand frames over `periods` at a time from now on (1, the start: each as soon
+        as it is captured). Frames keep their length, order and capture times; a batch
+        only saves wake-ups, and costs up to `periods - 1` periods of latency."""
+
 
 class AudioOutput(Protocol):
     """A speaker fed with the provider's PCM16 mono response audio."""

@@ -59,6 +59,7 @@ class WavInput:
         self._channels, self.sample_rate = _check_wav(self.path, channel)
         self._pcm = b""
         self._stopping = False
+        self._batch = 1
 
     async def start(self, listener: DeviceListener) -> None:
         """Read the file; a file cannot fail later, so `listener` is never called."""
@@ -73,7 +74,8 @@ class WavInput:
         )
 
     async def frames(self) -> AsyncIterator[AudioFrame]:
-        """Frames of `period_ms`, one per period of wall-clock time, until `stop`."""
+        """Frames of `period_ms`, one per period of wall-clock time (or a `batch` of
+        them every few periods), until `stop`."""
         frame_bytes = max(1, self.sample_rate * self.period_ms // 1000) * 2
         period_s = frame_bytes / 2 / self.sample_rate
         pcm = self._pcm
@@ -81,25 +83,32 @@ class WavInput:
         anchor = time.monotonic()
         count = 0
         while not self._stopping:
-            # Frame n is complete (captured) once its last sample has "arrived".
-            delay = anchor + (count + 1) * period_s - time.monotonic()
+            # Frame n is complete (captured) once its last sample has "arrived"; a
+            # batch waits for its last frame.
+            delay = anchor + (count + self._batch) * period_s - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
             elif delay < -_MAX_LAG_S:
                 log.debug("%s: %.0f ms behind, restarting the schedule", self.name, -delay * 1e3)
-                anchor = time.monotonic() - (count + 1) * period_s
+                anchor = time.monotonic() - (count + self._batch) * period_s
             if self._stopping:
                 return
-            chunk = pcm[position : position + frame_bytes]
-            position += len(chunk)
-            if len(chunk) < frame_bytes:
-                if self.loop and pcm:
-                    position = frame_bytes - len(chunk)
-                    chunk += pcm[:position]
-                else:
-                    chunk += bytes(frame_bytes - len(chunk))
-            count += 1
-            yield AudioFrame(chunk, self.sample_rate, time.monotonic())
+            complete = max(count + 1, int((time.monotonic() - anchor) / period_s))
+            while count < complete:
+                chunk = pcm[position : position + frame_bytes]
+                position += len(chunk)
+                if len(chunk) < frame_bytes:
+                    if self.loop and pcm:
+                        position = frame_bytes - len(chunk)
+                        chunk += pcm[:position]
+                    else:
+                        chunk += bytes(frame_bytes - len(chunk))
+                count += 1
+                yield AudioFrame(chunk, self.sample_rate, anchor + count * period_s)
+
+    def batch(self, periods: int) -> None:
+        """Deliver `periods` frames at a time from the next wake-up on."""
+        self._batch = max(1, periods)
 
     async def stop(self) -> None:
         """End `frames` (within one period)."""
