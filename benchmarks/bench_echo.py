@@ -10,7 +10,9 @@ Per round, reported as medians over rounds (JSON on stdout when run alone):
 - converge_s: seconds of speaker audio until the stage declared convergence;
 - double_talk_share: webrtcvad's voiced 20 ms frames of the user's sentence while the
   assistant speaks, over the same sentence said in a quiet room (target >= 0.9); also
-  for AEC3's output before the residual gate (`double_talk_share_aec3`);
+  for AEC3's output before the residual gate (`double_talk_share_aec3`), and both
+  counting only frames louder than `AUDIBLE_DBFS` (`..._audible`): webrtcvad ignores
+  level and calls the user's onset speech even where AEC3 suppressed it by 30-80 dB;
 - cpu_percent: CPU time of the stage (AEC3 and the residual gate) per second of
   audio, % of one core (offline, on the audio the room delivered);
 - barge_in_ms: with the whole client (fake server, server VAD, barge_in + echo
@@ -53,6 +55,9 @@ from speech_fixtures import silence, speech_pcm, write_wav  # noqa: E402
 RATE = 16000
 FRAME = 320
 USER = "what time is it in tokyo"
+AUDIBLE_DBFS = -50.0
+"""A voiced frame quieter than this (RMS, dB of full scale) is not heard in the audible
+variant of the double-talk share."""
 
 
 class _Quiet:
@@ -156,10 +161,14 @@ async def _room_pass(
     return trace, user_at, user_s
 
 
-def _voiced(rows: list[Any], start: float, end: float, column: int) -> int:
+def _voiced(
+    rows: list[Any], start: float, end: float, column: int, floor_dbfs: float | None = None
+) -> int:
     vad = webrtcvad.Vad(2)
+    floor = -np.inf if floor_dbfs is None else 32768.0 * 10 ** (floor_dbfs / 20)
     return sum(
         vad.is_speech(row[column].astype("<i2").tobytes(), RATE)
+        and float(np.sqrt(np.mean(row[column].astype(np.float64) ** 2))) >= floor
         for row in rows
         if start <= row[0] <= end and len(row[column]) == FRAME
     )
@@ -188,7 +197,15 @@ async def canceller_round(pulse: PulseServer, user_wav: Path) -> dict[str, Any]:
         over_aec3 = _voiced(talk_rows, user_at, user_at + user_s + 0.5, 2)
         quiet_stage = processing_stages(ProcessingConfig(echo_cancellation=True), RATE, output)[0]
         alone, alone_at, _ = await _alone(pulse, quiet_stage, user_wav)
-        alone_voiced = _voiced(alone.rows(), alone_at, alone_at + user_s + 0.5, 3)
+        alone_rows = alone.rows()
+        alone_voiced = _voiced(alone_rows, alone_at, alone_at + user_s + 0.5, 3)
+        window = (user_at, user_at + user_s + 0.5)
+        alone_window = (alone_at, alone_at + user_s + 0.5)
+        audible = {
+            name: _voiced(talk_rows, *window, column, AUDIBLE_DBFS)
+            / max(1, _voiced(alone_rows, *alone_window, 3, AUDIBLE_DBFS))
+            for name, column in (("gated", 3), ("aec3", 2))
+        }
         # CPU: the stage again, offline, over the audio the room delivered.
         cpu = _cpu_percent(trace)
     finally:
@@ -200,6 +217,8 @@ async def canceller_round(pulse: PulseServer, user_wav: Path) -> dict[str, Any]:
         "delay_ms": stage.convergence.delay_ms,
         "double_talk_share": round(over / alone_voiced, 3) if alone_voiced else None,
         "double_talk_share_aec3": round(over_aec3 / alone_voiced, 3) if alone_voiced else None,
+        "double_talk_share_audible": round(audible["gated"], 3),
+        "double_talk_share_aec3_audible": round(audible["aec3"], 3),
         "voiced_frames": [over, alone_voiced],
         "cpu_percent": round(cpu, 3),
     }
@@ -357,6 +376,8 @@ async def measure(pulse: PulseServer, rounds: int, workdir: Path) -> dict[str, A
         "converge_s",
         "double_talk_share",
         "double_talk_share_aec3",
+        "double_talk_share_audible",
+        "double_talk_share_aec3_audible",
         "cpu_percent",
         "barge_in_ms",
     )

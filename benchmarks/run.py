@@ -454,7 +454,9 @@ def echo_rows(echo: dict[str, Any]) -> list[tuple[str, str, str, str, bool | Non
             "Double talk: user frames voiced while the assistant speaks",
             _fmt(share, "", 3),
             f"of those voiced in a quiet room; AEC3 alone "
-            f"{_fmt(echo['double_talk_share_aec3'], '', 3)}, {n}",
+            f"{_fmt(echo['double_talk_share_aec3'], '', 3)}; counting only frames above "
+            f"-50 dBFS: {_fmt(echo.get('double_talk_share_audible'), '', 3)}, AEC3 alone "
+            f"{_fmt(echo.get('double_talk_share_aec3_audible'), '', 3)}, {n}",
             ">= 0.9",
             share is not None and share >= 0.9,
         ),
