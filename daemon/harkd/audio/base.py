@@ -73,9 +73,11 @@ class AudioInput(Protocol):
         """Stop capturing and release the device."""
 
     def batch(self, periods: int) -> None:
-        """Hand frames over `periods` at a time from now on (1, the start: each as soon
-        as it is captured). Frames keep their length, order and capture times; a batch
-        only saves wake-ups, and costs up to `periods - 1` periods of latency."""
+        """A hint: hand frames over `periods` at a time from now on (1, the start: each
+        as soon as it is captured). Frames keep their length, order and capture times;
+        a batch only saves wake-ups, and costs up to `periods - 1` periods of latency.
+        The client asks for it while only the wake word detector hears the audio; a
+        source that cannot batch may go on delivering frames one by one."""
 
 
 class AudioOutput(Protocol):
