@@ -833,6 +833,13 @@ def test_resumption_messages() -> None:
         decoder.decode({"goAway": {"timeLeft": "soon"}})
 
 
+@pytest.mark.parametrize("data", ["not base64!", "\x80"])
+def test_audio_that_is_not_base64_is_a_protocol_error(data: str) -> None:
+    blob = {"inlineData": {"mimeType": "audio/pcm;rate=24000", "data": data}}
+    with pytest.raises(ProtocolError, match="malformed audio data"):
+        Decoder().decode({"serverContent": {"modelTurn": {"parts": [blob]}}})
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import contextlib
 import itertools
 import json
@@ -542,7 +541,7 @@ class ElevenLabsConnection:
         self._settle_cut()
         try:
             pcm = base64.b64decode(body.text("audio_base_64"), validate=True)
-        except binascii.Error as exc:
+        except ValueError as exc:  # binascii.Error, or text that is not even ASCII
             raise ProtocolError(f"malformed audio event: {exc}") from None
         reply = self._open()
         reply.has_audio = True

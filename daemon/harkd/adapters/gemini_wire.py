@@ -8,7 +8,6 @@ The transport and what each mapping means for a conversation are in
 from __future__ import annotations
 
 import base64
-import binascii
 import itertools
 import json
 import logging
@@ -228,7 +227,7 @@ def _pcm(blob: _Obj) -> bytes | None:
         raise ProtocolError(f"audio at {rate[1]} Hz, expected {OUTPUT_RATE}")
     try:
         return base64.b64decode(blob.text("data"), validate=True)
-    except binascii.Error as exc:
+    except ValueError as exc:  # binascii.Error, or text that is not even ASCII
         raise ProtocolError(f"malformed audio data: {exc}") from None
 
 

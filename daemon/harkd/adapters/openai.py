@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import contextlib
 import itertools
 import json
@@ -335,7 +334,7 @@ def _error(d: _Fields) -> ev.ServerEvent:
 def _audio_delta(d: _Fields) -> ev.ServerEvent:
     try:
         pcm = base64.b64decode(d.text("delta"), validate=True)
-    except binascii.Error as exc:
+    except ValueError as exc:  # binascii.Error, or text that is not even ASCII
         raise ProtocolError(f"malformed audio delta: {exc}") from None
     return ev.AudioDelta(d.text("response_id"), d.text("item_id"), pcm)
 
