@@ -142,7 +142,7 @@ def test_an_armed_turn_without_speech_is_dropped_after_its_wait() -> None:
     events = run_vad(endpointer, silence(1500))
     dropped = [i for i, e in enumerate(events) if isinstance(e, TurnDropped)]
     assert len(dropped) == 1 and 45 <= dropped[0] <= 52  # at one second, not on silence
-    assert not endpointer.is_open
+    assert not endpointer.is_open and endpointer.armed_speech_ms == 0
 
 
 def test_the_chime_does_not_open_a_turn_by_itself() -> None:
@@ -153,6 +153,7 @@ def test_the_chime_does_not_open_a_turn_by_itself() -> None:
     events = run_vad(endpointer, chime + silence(2000))
     assert not any(isinstance(e, TurnClosed) for e in events)
     assert any(isinstance(e, TurnDropped) for e in events)
+    assert endpointer.armed_speech_ms >= 100  # heard, and held off: the log says so
     # Without the hold-off the chime would have been a turn of its own.
     endpointer.open_armed(wait_ms=1500)
     events = run_vad(endpointer, silence(300) + chime + silence(2000))

@@ -301,5 +301,13 @@ class Capture:
                 case TurnDropped():
                     self._apply(self._session.drop_turn())
                     if self.ear is not None and self.ear.listening:
+                        heard_ms = (
+                            self._endpoint.endpointer.armed_speech_ms if self._endpoint else 0
+                        )
+                        log.info(
+                            "woken, but no speech started: the turn is dropped "
+                            "(%d ms of speech heard, too little or held off)",
+                            heard_ms,
+                        )
                         self.ear.sleep()
                         self.on_dropped()

@@ -168,6 +168,7 @@ class Endpointer:
         self._hold_left = 0
         self._hold_speech = 0
         self._hold_explained = 0
+        self._armed_speech = 0
         self._turn_frames = 0
         self._speech_frames = 0
         self._silent_run = 0
@@ -177,6 +178,12 @@ class Endpointer:
     def is_open(self) -> bool:
         """True while a turn is open."""
         return self._open
+
+    @property
+    def armed_speech_ms(self) -> int:
+        """Speech frames the last armed turn heard before it started or was dropped
+        (held off or too little to start it), in ms: why a wake word went unanswered."""
+        return self._armed_speech * self._frame_ms
 
     @property
     def speech_ms(self) -> int:
@@ -268,6 +275,7 @@ class Endpointer:
 
     def _armed_frame(self, speech: bool, payload: bytes) -> list[VadEvent]:
         self._window = ((self._window << 1) | speech) & self._window_mask
+        self._armed_speech += speech
         started = 0
         if self._hold_left:
             self._hold_left -= 1
