@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from harkd.audio.alsa import AlsaInput, AlsaOutput
+from harkd.audio.alsa import DEEP_CAPTURE_PERIODS, AlsaInput, AlsaOutput
 from pulse_fixture import PulseServer, Recording
 
 pytestmark = pytest.mark.pulse
@@ -150,7 +150,13 @@ def groups(arrivals: list[float]) -> list[int]:
 async def test_a_batched_microphone_hands_over_periods_together_and_loses_none(
     pulse: PulseServer,
 ) -> None:
-    mic = AlsaInput("pulse", rate=16000, period_ms=20, max_queued_frames=1000)
+    mic = AlsaInput(
+        "pulse",
+        rate=16000,
+        period_ms=20,
+        max_queued_frames=1000,
+        buffer_periods=DEEP_CAPTURE_PERIODS,
+    )
     await mic.start(Listener())
     phases: dict[str, list[tuple[float, float]]] = {"single": [], "batched": [], "after": []}
     phase = "single"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from harkd.audio import open_input, open_output
-from harkd.audio.alsa import AlsaInput, AlsaOutput
+from harkd.audio.alsa import DEEP_CAPTURE_PERIODS, PERIODS, AlsaInput, AlsaOutput
 from harkd.audio.wav import NullOutput, WavInput, WavOutput
 from harkd.config import AudioInputConfig, AudioOutputConfig
 
@@ -211,7 +211,11 @@ def test_factories_choose_the_edge(tmp_path: Path) -> None:
     wav = write_wav(tmp_path / "in.wav", ramp(100), 16000)
     mic = open_input(AudioInputConfig(device=f"file:{wav}", loop=True))
     assert isinstance(mic, WavInput) and mic.loop and mic.name == f"file:{wav}"
-    assert isinstance(open_input(AudioInputConfig(device="default")), AlsaInput)
+    alsa = open_input(AudioInputConfig(device="default"))
+    assert isinstance(alsa, AlsaInput) and alsa.buffer_periods == PERIODS
+    # Read in batches (waiting for a wake word): room for a batch and a late thread.
+    deep = open_input(AudioInputConfig(device="default"), batched=True)
+    assert isinstance(deep, AlsaInput) and deep.buffer_periods == DEEP_CAPTURE_PERIODS
     speaker = open_output(AudioOutputConfig(device=f"file:{tmp_path / 'o.wav'}", rate=16000))
     assert isinstance(speaker, WavOutput) and speaker.sample_rate == 16000
     assert isinstance(open_output(AudioOutputConfig(device=None)), NullOutput)

@@ -436,7 +436,10 @@ def _build_client(config: Config) -> RealtimeClient:
     modes = {"server_vad": "server", "semantic_vad": "semantic", "manual": "manual"}
     assert rt.voice is not None  # the config filled in the provider's default or refused
     adapter = build_adapter(rt)
-    audio_input = open_input(config.audio.input)
+    # Waiting for a wake word the microphone is read in batches; echo cancellation
+    # keeps the capture buffer its timing was tuned on (see DEEP_CAPTURE_PERIODS).
+    batched = config.wake.enabled and not config.audio.processing.echo_cancellation
+    audio_input = open_input(config.audio.input, batched=batched)
     audio_output = open_output(config.audio.output, adapter.traits.output_format.rate)
     return RealtimeClient(
         get_token=token_source(rt, key),

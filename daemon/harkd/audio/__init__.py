@@ -18,16 +18,24 @@ log = logging.getLogger(__name__)
 FILE_PREFIX = "file:"
 
 
-def open_input(cfg: AudioInputConfig) -> AudioInput:
-    """The microphone `cfg` names; a bad WAV file raises ValueError naming it."""
+def open_input(cfg: AudioInputConfig, *, batched: bool = False) -> AudioInput:
+    """The microphone `cfg` names; a bad WAV file raises ValueError naming it.
+    `batched`: it will be read in batches (a wake word without echo cancellation), so
+    an ALSA device gets a deeper capture buffer."""
     if cfg.device.startswith(FILE_PREFIX):
         from harkd.audio.wav import WavInput
 
         path = Path(cfg.device.removeprefix(FILE_PREFIX))
         return WavInput(path, period_ms=cfg.period_ms, loop=cfg.loop, channel=cfg.channel)
-    from harkd.audio.alsa import AlsaInput
+    from harkd.audio.alsa import DEEP_CAPTURE_PERIODS, PERIODS, AlsaInput
 
-    return AlsaInput(cfg.device, rate=cfg.rate, period_ms=cfg.period_ms, channel=cfg.channel)
+    return AlsaInput(
+        cfg.device,
+        rate=cfg.rate,
+        period_ms=cfg.period_ms,
+        channel=cfg.channel,
+        buffer_periods=DEEP_CAPTURE_PERIODS if batched else PERIODS,
+    )
 
 
 def open_output(cfg: AudioOutputConfig, source_rate: int = PROVIDER_RATE) -> AudioOutput:

@@ -93,11 +93,12 @@ from harkd.backoff import Backoff
 log = logging.getLogger(__name__)
 
 PERIODS = 4
-"""Periods in a playback buffer (80 ms at 20 ms periods)."""
-CAPTURE_PERIODS = 10
-"""Periods in a capture buffer (200 ms): a batch dozes through at most half of it,
-the rest is room for a thread that wakes late. A longer capture buffer adds no
-latency (frames are read as soon as they are wanted)."""
+"""Periods in a device buffer (80 ms at 20 ms periods)."""
+DEEP_CAPTURE_PERIODS = 10
+"""Periods in the capture buffer of a microphone that will be read in batches (200 ms):
+a batch dozes through at most half of it, the rest is room for a thread that wakes
+late. Only asked for without echo cancellation: through PulseAudio a deeper capture
+buffer moved the echo's timing, and the canceller was tuned on the shallow one."""
 BACKOFF_INITIAL_S = 0.5
 BACKOFF_MAX_S = 10.0
 JOIN_TIMEOUT_S = 2.0
@@ -254,8 +255,10 @@ class AlsaInput(_Edge):
         channel: int = 0,
         *,
         max_queued_frames: int = 50,
+        buffer_periods: int = PERIODS,
     ) -> None:
         super().__init__(device)
+        self.buffer_periods = buffer_periods
         self.sample_rate = rate
         self.period_ms = period_ms
         self.channel = channel
@@ -406,7 +409,7 @@ class AlsaInput(_Edge):
             if self._batch > 1:
                 # Whatever else the device holds comes along: one hand-off per wake-up.
                 # (Bounded: a file PCM always has more.)
-                for _ in range(CAPTURE_PERIODS - 1):
+                for _ in range(self.buffer_periods - 1):
                     more, data = pcm.read()
                     if more <= 0:
                         if more < 0:
@@ -968,8 +971,8 @@ def list_devices() -> str:
 def _open_pcm(
     kind: int, mode: int, device: AlsaInput | AlsaOutput, channels: int, period: int
 ) -> alsaaudio.PCM:
-    """Open `device` as S16_LE at its rate with periods of `period` frames
-    (`CAPTURE_PERIODS` of them in a capture buffer, `PERIODS` in a playback one)."""
+    """Open `device` as S16_LE at its rate with periods of `period` frames (an input's
+    `buffer_periods` of them, `PERIODS` for an output)."""
     return alsaaudio.PCM(
         kind,
         mode,
@@ -978,5 +981,5 @@ def _open_pcm(
         rate=device.sample_rate,
         format=alsaaudio.PCM_FORMAT_S16_LE,
         periodsize=period,
-        periods=CAPTURE_PERIODS if kind == alsaaudio.PCM_CAPTURE else PERIODS,
+        periods=device.buffer_periods if isinstance(device, AlsaInput) else PERIODS,
     )
