@@ -202,6 +202,32 @@ async def test_without_a_wake_word_frames_are_never_batched() -> None:
     assert source.batches == []
 
 
+class Canceller:
+    """An echo canceller that has converged and changes nothing."""
+
+    heavy = False
+    echo_free = True
+
+    def process(self, frame: AudioFrame) -> AudioFrame:
+        return frame
+
+
+async def test_with_echo_cancellation_a_sleeping_ear_still_takes_frames_one_by_one() -> None:
+    # The canceller's timing was tuned on frames read one by one.
+    capture = Capture(
+        Session("manual"),
+        lambda effects: None,
+        lambda: None,
+        provider_rate=24_000,
+        vad=VadConfig(),
+        conditioning=(Canceller(),),
+        wake=WordAt(10),
+    )
+    source = Frames(20)
+    await capture.run(source)
+    assert source.batches == []
+
+
 def test_a_speaker_fed_at_another_rate_than_the_provider_speaks_is_refused() -> None:
     adapter = openai_realtime()
     RealtimeClient(get_token=static_token("k"), adapter=adapter, audio_output=NullOutput())

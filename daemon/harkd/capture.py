@@ -51,6 +51,13 @@ event loop wake a fifth as often (a daemon waiting for its word: 4.1 -> 1.9 % of
 core here). Awake, or while an answer plays, frames come one by one."""
 
 
+def reads_in_batches(wake: bool, echo_cancellation: bool) -> bool:
+    """Whether the microphone is read in batches while the ear sleeps: with a wake word,
+    and not with echo cancellation (the canceller's timing was tuned on frames read one
+    by one through a shallow capture buffer; a deeper one moved the echo's timing)."""
+    return wake and not echo_cancellation
+
+
 class Capture:
     """The microphone side of one client."""
 
@@ -200,6 +207,7 @@ class Capture:
             listening=(lambda: ear.listening) if ear is not None else (lambda: True),
         )
         off_loop = pipeline.off_loop  # the stages are fixed: decided once, not per frame
+        may_batch = reads_in_batches(ear is not None, bool(self._cancellers))
         batched = 1
         async for frame in source.frames():
             if off_loop:
@@ -215,7 +223,7 @@ class Capture:
                     self._hold(output)
                 else:
                     await self._deliver(output)
-            if ear is not None and (batch := self._batch_size(ear)) != batched:
+            if may_batch and ear is not None and (batch := self._batch_size(ear)) != batched:
                 source.batch(batch)
                 batched = batch
 

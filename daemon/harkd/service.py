@@ -25,6 +25,7 @@ from harkd.audio import open_input, open_output
 from harkd.audio.base import AudioInput, AudioOutput
 from harkd.audio.pipeline import Stage
 from harkd.backoff import Backoff
+from harkd.capture import reads_in_batches
 from harkd.client import RealtimeClient
 from harkd.config import Config, ConfigError, load_config
 from harkd.journal import TranscriptJournal
@@ -436,9 +437,7 @@ def _build_client(config: Config) -> RealtimeClient:
     modes = {"server_vad": "server", "semantic_vad": "semantic", "manual": "manual"}
     assert rt.voice is not None  # the config filled in the provider's default or refused
     adapter = build_adapter(rt)
-    # Waiting for a wake word the microphone is read in batches; echo cancellation
-    # keeps the capture buffer its timing was tuned on (see DEEP_CAPTURE_PERIODS).
-    batched = config.wake.enabled and not config.audio.processing.echo_cancellation
+    batched = reads_in_batches(config.wake.enabled, config.audio.processing.echo_cancellation)
     audio_input = open_input(config.audio.input, batched=batched)
     audio_output = open_output(config.audio.output, adapter.traits.output_format.rate)
     return RealtimeClient(

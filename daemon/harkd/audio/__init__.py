@@ -20,8 +20,8 @@ FILE_PREFIX = "file:"
 
 def open_input(cfg: AudioInputConfig, *, batched: bool = False) -> AudioInput:
     """The microphone `cfg` names; a bad WAV file raises ValueError naming it.
-    `batched`: it will be read in batches (a wake word without echo cancellation), so
-    an ALSA device gets a deeper capture buffer."""
+    `batched`: it will be read in batches (`harkd.capture.reads_in_batches`), so an
+    ALSA device gets a deeper capture buffer."""
     if cfg.device.startswith(FILE_PREFIX):
         from harkd.audio.wav import WavInput
 

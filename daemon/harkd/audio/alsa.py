@@ -97,8 +97,7 @@ PERIODS = 4
 DEEP_CAPTURE_PERIODS = 10
 """Periods in the capture buffer of a microphone that will be read in batches (200 ms):
 a batch dozes through at most half of it, the rest is room for a thread that wakes
-late. Only asked for without echo cancellation: through PulseAudio a deeper capture
-buffer moved the echo's timing, and the canceller was tuned on the shallow one."""
+late (see `harkd.capture.reads_in_batches` for when)."""
 BACKOFF_INITIAL_S = 0.5
 BACKOFF_MAX_S = 10.0
 JOIN_TIMEOUT_S = 2.0
@@ -436,11 +435,13 @@ class AlsaInput(_Edge):
                 ]
                 del pending[: count * size]
                 self._call_soon(self._put_all, ready)
-            self._undozed.clear()  # before the check: a `batch(1)` after it still counts
             if self._batch > 1:
                 # Nobody waits on this audio now: let the next periods collect in the
-                # device buffer and move them in one go.
-                self._undozed.wait(min(self._batch * self.period_ms / 1000, max_doze_s))
+                # device buffer and move them in one go. Checked again after the clear:
+                # a `batch(1)` just before it still counts.
+                self._undozed.clear()
+                if self._batch > 1:
+                    self._undozed.wait(min(self._batch * self.period_ms / 1000, max_doze_s))
 
 
 class AlsaOutput(_Edge):
