@@ -19,6 +19,7 @@ from harkd.audio.pipeline import (
     Gate,
     Meter,
     Resample,
+    Stage,
     capture_pipeline,
 )
 from harkd.audio.vad import Endpointer, TurnOpened
@@ -177,17 +178,23 @@ async def test_heavy_stages_run_off_the_event_loop() -> None:
     assert heavy.threads and threading.get_ident() not in heavy.threads
 
 
-async def test_a_sleeping_ear_takes_frames_in_batches_and_one_by_one_once_woken() -> None:
-    # Asleep only the wake word detector hears the audio: the microphone may hand it
-    # over a few periods at a time. From the wake word on, frames come one by one.
-    capture = Capture(
+def wake_capture(*conditioning: Stage) -> Capture:
+    """A local-VAD capture whose wake word is heard in frame 10."""
+    return Capture(
         Session("manual"),
         lambda effects: None,
         lambda: None,
         provider_rate=24_000,
         vad=VadConfig(),
+        conditioning=conditioning,
         wake=WordAt(10),
     )
+
+
+async def test_a_sleeping_ear_takes_frames_in_batches_and_one_by_one_once_woken() -> None:
+    # Asleep only the wake word detector hears the audio: the microphone may hand it
+    # over a few periods at a time. From the wake word on, frames come one by one.
+    capture = wake_capture()
     capture.on_wake = lambda detection: capture.listen(5.0)
     source = Frames(30, then={20: capture.forget_held})  # another device answers
     await capture.run(source)
@@ -214,15 +221,7 @@ class Canceller:
 
 async def test_with_echo_cancellation_a_sleeping_ear_still_takes_frames_one_by_one() -> None:
     # The canceller's timing was tuned on frames read one by one.
-    capture = Capture(
-        Session("manual"),
-        lambda effects: None,
-        lambda: None,
-        provider_rate=24_000,
-        vad=VadConfig(),
-        conditioning=(Canceller(),),
-        wake=WordAt(10),
-    )
+    capture = wake_capture(Canceller())
     source = Frames(20)
     await capture.run(source)
     assert source.batches == []
