@@ -102,14 +102,17 @@ async def token() -> RealtimeToken:
 
 
 def supervisor(
-    owner: Owner, adapter: MemoryAdapter, rollover_s: float = 3300.0
+    owner: Owner,
+    adapter: MemoryAdapter,
+    rollover_s: float = 3300.0,
+    reconnect: Backoff | None = None,
 ) -> ConnectionSupervisor:
     return ConnectionSupervisor(
         owner,
         adapter,  # type: ignore[arg-type]
         token,
         lambda: ev.SessionSettings("Be brief.", "marin"),
-        reconnect=Backoff(0.01, 0.05),
+        reconnect=reconnect or Backoff(0.01, 0.05),
         rollover_s=rollover_s,
     )
 
@@ -322,3 +325,19 @@ async def test_tools_that_change_while_the_session_opens_reach_it() -> None:
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_stop_that_comes_with_a_change_of_wish_is_not_lost() -> None:
+    """Stopping the daemon as it is told to disconnect (both in one tick) stops it: a
+    cancellation swallowed here leaves the service hanging until systemd kills it."""
+    adapter = MemoryAdapter()
+    adapter.failures = [ConnectionFailed("refused")]
+    sup = supervisor(Owner(), adapter, reconnect=Backoff(30, 60))  # waits in its backoff
+    task = await running(sup)
+    await until(lambda: sup.status is RealtimeStatus.RECONNECTING, what="the backoff")
+    await asyncio.sleep(0.05)
+    sup.want(False)
+    task.cancel()
+    done, _ = await asyncio.wait([task], timeout=2.0)
+    assert done, "the supervisor ignored its cancellation"
+    assert task.cancelled()

@@ -230,7 +230,8 @@ class ConnectionSupervisor:
             self.conn = None
             self._owner.connection_closed()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(conn.close(), CLOSE_WAIT_S)
+                async with asyncio.timeout(CLOSE_WAIT_S):
+                    await conn.close()
         return code
 
     def _on_event(self, event: ev.ServerEvent) -> None:
@@ -281,7 +282,8 @@ class ConnectionSupervisor:
         # checking after keeps a want() (or a GoingAway) from being missed.
         self._wish_changed.clear()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wish_changed.wait(), max(0.0, timeout_s))
+            async with asyncio.timeout(max(0.0, timeout_s)):
+                await self._wish_changed.wait()
 
     def _set_status(self, status: RealtimeStatus) -> None:
         self.status = status

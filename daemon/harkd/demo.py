@@ -181,7 +181,8 @@ async def _converse(server: ProviderFake, raw: dict[str, Any], out: TextIO) -> i
     running = asyncio.create_task(daemon.run(), name="demo-daemon")
     try:
         # An answer is final once it has been heard to the end.
-        await asyncio.wait_for(printer.answered.wait(), TIMEOUT_S)
+        async with asyncio.timeout(TIMEOUT_S):
+            await printer.answered.wait()
         ok = True
     except TimeoutError:
         printer.line(f"no answer within {TIMEOUT_S:.0f} s")

@@ -262,7 +262,8 @@ async def run_monitor(
     try:
         while True:
             try:
-                item = await asyncio.wait_for(inbox.get(), REDRAW_INTERVAL_S if tty else None)
+                async with asyncio.timeout(REDRAW_INTERVAL_S if tty else None):
+                    item = await inbox.get()
             except TimeoutError:
                 item = None
             if isinstance(item, str):

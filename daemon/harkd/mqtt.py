@@ -742,7 +742,8 @@ class MqttBridge:
 
         threading.Thread(target=stop, name="mqtt-stop", daemon=True).start()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stopped.wait(), SHUTDOWN_TIMEOUT_S)
+            async with asyncio.timeout(SHUTDOWN_TIMEOUT_S):
+                await stopped.wait()
         logger.info("MQTT disconnected")
 
 

@@ -162,7 +162,8 @@ class Daemon:
         session opens only when needed: nothing to wait for)."""
         if self.config.realtime.connect == "always":
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._started.wait(), READY_WAIT_S)
+                async with asyncio.timeout(READY_WAIT_S):
+                    await self._started.wait()
         self.notifier.ready()
         self._on_state(self.client.state)
         log.info("harkd ready (device %s)", self.config.device.id)
@@ -494,8 +495,14 @@ def _log_message(message: RealtimeMessage) -> None:
 
 async def _cancel_and_wait(task: asyncio.Task[None]) -> None:
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
+    try:
         await task
+    except asyncio.CancelledError:
+        # The task's own cancellation ends here; ours (the shutdown budget running
+        # out, or the service being cancelled) must go on.
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
 
 
 async def run_daemon(config: Config, config_path: Path | None) -> int:

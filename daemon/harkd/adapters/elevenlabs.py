@@ -262,7 +262,8 @@ class ElevenLabsAdapter:
             raise ConnectionFailed(f"cannot connect: {exc}") from None
         connection = ElevenLabsConnection(ws, settings)
         try:
-            await asyncio.wait_for(connection.setup(), SETUP_TIMEOUT_S)
+            async with asyncio.timeout(SETUP_TIMEOUT_S):
+                await connection.setup()
         except BaseException:
             await connection.close()
             raise

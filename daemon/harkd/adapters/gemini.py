@@ -164,7 +164,8 @@ class GeminiLiveAdapter:
             raise ConnectionFailed(f"cannot connect: {exc}") from None
         connection = GeminiConnection(ws)
         try:
-            await asyncio.wait_for(connection.setup(message), SETUP_TIMEOUT_S)
+            async with asyncio.timeout(SETUP_TIMEOUT_S):
+                await connection.setup(message)
         except BaseException:
             await connection.close()
             raise

@@ -548,7 +548,8 @@ class OpenAIRealtimeAdapter:
             raise ConnectionFailed(f"cannot connect: {exc}") from None
         connection = OpenAIConnection(ws, self.dialect)
         try:
-            await asyncio.wait_for(connection.setup(settings), SETUP_TIMEOUT_S)
+            async with asyncio.timeout(SETUP_TIMEOUT_S):
+                await connection.setup(settings)
         except BaseException:
             await connection.close()
             raise

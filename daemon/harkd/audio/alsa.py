@@ -174,7 +174,8 @@ class _Edge(ABC):
         # Return once the device is open (or known to be failing), so that the
         # first frames or the first answer are not lost to a still-opening device.
         try:
-            await asyncio.wait_for(asyncio.shield(self._first_attempt), START_TIMEOUT_S)
+            async with asyncio.timeout(START_TIMEOUT_S):
+                await asyncio.shield(self._first_attempt)
         except TimeoutError:
             log.warning("%s: still opening after %.0f s", self.name, START_TIMEOUT_S)
 
