@@ -14,6 +14,12 @@ next frame (at most `REFERENCE_WAIT_S`): the playback thread writes only a perio
 two ahead of the ear, and a span read too early would lack its last milliseconds for
 good (the canceller then lets the echo of that part through).
 
+While the speaker plays, a residual gate silences what is only echo that got through
+(AEC3 leaks some now and then, and a VAD must not take the assistant's voice for the
+user's). It passes a block when the microphone hears what the speaker does not
+explain: the echo is predicted per band from the reference, at a delay and through a
+gain the gate measures and learns itself (`ResidualGate`).
+
 The stage logs once when the canceller has converged: when, over a second of speaker
 audio, it removes `CONVERGED_DB` of what the microphone picked up, with the echo's
 delay behind the reference (measured by cross-correlation, since the library exposes
@@ -78,18 +84,56 @@ made, and the span of a frame just captured ends `READ_AHEAD_S` after its stamp:
 at once, a quarter of the frames lacked up to their last 10 ms (measured in the
 PulseAudio room), and AEC3, given silence for audio that did play, let it through."""
 RESIDUAL_GATE_DB = 15.0
-"""While the speaker plays, a 10 ms block the canceller made this much quieter than
-the mic heard it is echo that got through: it is silenced, so no VAD takes the
-assistant's voice for the user's. The user's voice over the answer loses far less
-(measured: 3-10 dB), so it passes."""
-CONFIRM_BLOCKS = 8
-"""While the speaker plays, near-end sound passes only after this many 10 ms blocks in
-a row passed the gate above: AEC3 leaks echo now and then, for 10-40 ms at a time
-(seen in the PulseAudio room, at 4-15 dB below the mic), and a leak must not open a
-turn; the user's voice lasts longer. Its first 80 ms are the price."""
+"""Until the gate has learned the echo (below), a 10 ms block the canceller made this
+much quieter than the mic heard it, while the speaker plays, is taken for echo that
+got through."""
+FALLBACK_CONFIRM_BLOCKS = 8
+"""... and near-end sound passes only after this many 10 ms blocks in a row passed that
+test: AEC3 leaks echo now and then, for 10-40 ms at a time, and it suppresses the
+user's onset as hard as echo, so the test is weak both ways."""
+CONFIRM_BLOCKS = 4
+"""Once the echo is learned, near-end sound passes after this many blocks in a row
+that the speaker does not explain. Replayed rooms: 3 let a 300 ms stretch of the
+assistant's own voice through, 4 never did, 5 lost a fifth of the user's words."""
 RELEASE_BLOCKS = 30
 """Once near-end sound passed, the gate stays open until this many blocks in a row are
 echo alone again (the user's voice has quiet moments between syllables)."""
+BAND_RANGE_HZ = (150.0, 4000.0)
+"""The gate compares what the microphone hears with what the speaker played in this
+range (where voices are), in `BANDS` bands evenly spaced in pitch."""
+BANDS = 17
+UNEXPLAINED_DB = 6.0
+"""A block is near-end sound when what the microphone hears in excess of the predicted
+echo (per band, with this margin) is at least `UNEXPLAINED_SHARE` of all it hears.
+The echo is the speaker's audio at the echo's delay (give or take `DELAY_SPREAD`
+blocks), through the echo path's gain per band, with a reverberant tail that fades
+by `ECHO_DECAY_DB` per block."""
+UNEXPLAINED_SHARE = 0.3
+DELAY_SPREAD = 2
+ECHO_DECAY_DB = 2.0
+GAIN_QUANTILE = 0.8
+"""The echo path's gain per band is this quantile of what the microphone heard over
+what the speaker played, on blocks that are surely echo alone: the echo is usually
+weaker than the loudest speaker audio near its delay, so a mean would be too low."""
+GAIN_STEP = 0.1
+"""How far (in nepers) one block moves the gain's quantile estimate."""
+GAIN_WARMUP_BLOCKS = 100
+"""Blocks of echo alone the gain is first taken from (their `GAIN_QUANTILE`), before
+the gate relies on it."""
+RELEARN_WINDOW = 200
+RELEARN_SHARE = 0.8
+"""When, of the last `RELEARN_WINDOW` blocks of speaker audio the mic heard, this share
+were echo by the canceller's account but the user's by the gate's, the echo changed
+(the volume was turned up on the device, or its delay moved): the gate measures and
+learns it afresh. A user talking over the answer does not do that: the canceller
+lets half of their words through, and the barge-in soon stops the speaker."""
+DELAY_WINDOW_S = 2.0
+"""The echo's delay is measured over this much speaker audio (GCC-PHAT), first when
+that much has played, then again every `DELAY_EVERY_S` of it (a reopened device or a
+new sound server latency moves it)."""
+DELAY_EVERY_S = 10.0
+MAX_DELAY_S = 0.5
+"""The longest echo delay looked for (AEC3 looks about as far)."""
 ECHO_TAIL_S = 0.2
 """The speaker counts as playing this long after its reference went quiet (the delay
 and the room's reverberation)."""
@@ -301,15 +345,21 @@ class Convergence:
             self._far.popleft()
 
     def _estimate_delay_ms(self) -> float:
-        """The lag of the mic behind the reference that correlates best (GCC-PHAT)."""
-        near = np.concatenate(self._near).astype(np.float64)
-        far = np.concatenate(self._far).astype(np.float64)
-        size = 1 << (2 * len(near) - 1).bit_length()
-        cross = np.fft.rfft(near, size) * np.conj(np.fft.rfft(far, size))
-        correlation = np.fft.irfft(cross / np.maximum(np.abs(cross), 1e-12), size)
-        max_lag = min(len(near) - 1, self.sample_rate // 2)  # AEC3 looks this far, too
-        lag = int(np.argmax(correlation[: max_lag + 1]))
+        near = np.concatenate(self._near)
+        far = np.concatenate(self._far)
+        lag = echo_lag(near, far, min(len(near) - 1, self.sample_rate // 2))
         return lag * 1000 / self.sample_rate
+
+
+def echo_lag(near: npt.NDArray[np.int16], far: npt.NDArray[np.int16], max_lag: int) -> int:
+    """The lag (samples, 0..`max_lag`) of the mic behind the reference that correlates
+    best (GCC-PHAT: whitened, so speech's strong low notes do not blur the peak)."""
+    near_f = near.astype(np.float64)
+    far_f = far.astype(np.float64)
+    size = 1 << (2 * len(near_f) - 1).bit_length()
+    cross = np.fft.rfft(near_f, size) * np.conj(np.fft.rfft(far_f, size))
+    correlation = np.fft.irfft(cross / np.maximum(np.abs(cross), 1e-12), size)
+    return int(np.argmax(correlation[: max_lag + 1]))
 
 
 def processing_stages(
@@ -334,16 +384,45 @@ def processing_stages(
 
 
 class ResidualGate:
-    """Silences echo the canceller let through while the speaker plays (see
-    `RESIDUAL_GATE_DB`, `CONFIRM_BLOCKS`); passes everything when it is quiet."""
+    """Silences echo the canceller let through while the speaker plays; passes
+    everything when it is quiet.
+
+    It asks whether the microphone hears something the speaker does not explain,
+    rather than how much the canceller removed: AEC3 suppresses the user's first
+    syllables over an answer as hard as the echo itself, so the canceller's own
+    reduction cannot tell them apart. The echo the speaker explains is predicted per
+    band from the played reference at the echo's delay (measured here) through the
+    echo path's gain (learned here, on blocks that are surely echo alone). Until both
+    are known, the canceller's reduction decides (`RESIDUAL_GATE_DB`).
+    """
 
     def __init__(self, sample_rate: int) -> None:
         self._block = max(1, sample_rate // 100)
         self._tail_blocks = round(ECHO_TAIL_S * 100)
         self._limit = 10 ** (RESIDUAL_GATE_DB / 10)
+        self._margin = 10 ** (UNEXPLAINED_DB / 10)
+        self._decay = 10 ** (-ECHO_DECAY_DB / 10)
+        self._window = np.hanning(2 * self._block)
+        hz_per_bin = sample_rate / (2 * self._block)
+        low, high = (min(f, sample_rate / 2) / hz_per_bin for f in BAND_RANGE_HZ)
+        self._edges = np.unique(np.round(np.geomspace(max(low, 1), high, BANDS + 1)).astype(int))
+        self._previous = (np.zeros(self._block), np.zeros(self._block))  # near, far
+        max_delay = round(MAX_DELAY_S * 100)
+        self._far_bands: deque[npt.NDArray[np.float64]] = deque(maxlen=max_delay + DELAY_SPREAD + 1)
+        self._echo = np.zeros(len(self._edges) - 1)  # predicted echo with its tail
+        self._log_gain: npt.NDArray[np.float64] | None = None
+        self._warmup: list[npt.NDArray[np.float64]] = []  # log ratios before it is known
+        # Per block of speaker audio heard: the canceller called it echo, the gate not.
+        self._disagreed: deque[bool] = deque(maxlen=RELEARN_WINDOW)
+        self._delay = DelayTracker(sample_rate)
         self._since_far = self._tail_blocks  # blocks since the reference was last loud
         self._run = 0  # blocks in a row that passed (closed) or failed (open) the test
         self._open = False  # near-end sound (the user) is coming through
+
+    @property
+    def learned(self) -> bool:
+        """Whether the echo's delay and gain are known (the gate then predicts it)."""
+        return self._delay.blocks is not None and self._log_gain is not None
 
     def apply(
         self,
@@ -353,29 +432,149 @@ class ResidualGate:
     ) -> npt.NDArray[np.int16]:
         """`out` with what is only leaked echo silenced."""
         gated = out.copy()
-        for start in range(0, len(out), self._block):
+        for start in range(0, len(out) - self._block + 1, self._block):
             part = slice(start, start + self._block)
-            if _rms(far[part]) >= FAR_ACTIVE_RMS:
-                self._since_far = 0
-            else:
-                self._since_far += 1
-            if self._since_far >= self._tail_blocks:
-                self._open, self._run = False, 0
-                continue  # the speaker is quiet: nothing to hold back
-            energy_in = float(np.sum(near[part].astype(np.float64) ** 2))
-            energy_out = float(np.sum(out[part].astype(np.float64) ** 2))
-            echo_only = energy_out * self._limit < energy_in
-            if self._open:
-                self._run = self._run + 1 if echo_only else 0
-                if self._run >= RELEASE_BLOCKS:
-                    self._open, self._run = False, 0
-            else:
-                self._run = 0 if echo_only else self._run + 1
-                if self._run >= CONFIRM_BLOCKS:
-                    self._open, self._run = True, 0
-            if not self._open:
+            if not self._passes(near[part], far[part], out[part]):
                 gated[part] = 0
         return gated
+
+    def _passes(
+        self, near: npt.NDArray[np.int16], far: npt.NDArray[np.int16], out: npt.NDArray[np.int16]
+    ) -> bool:
+        """One 10 ms block: whether the gate lets it through."""
+        far_active = _rms(far) >= FAR_ACTIVE_RMS
+        self._since_far = 0 if far_active else self._since_far + 1
+        if self._since_far >= self._tail_blocks:
+            # The speaker is quiet: nothing to hold back (and no spectra to take, which
+            # is most of the time).
+            self._open, self._run = False, 0
+            self._echo[:] = 0
+            self._far_bands.append(self._echo.copy())
+            self._previous = (near.astype(np.float64), far.astype(np.float64))
+            return True
+        near_bands, far_bands = self._bands(near, far)
+        self._far_bands.append(far_bands)
+        self._delay.add(near, far)
+        energy_in = float(np.sum(near.astype(np.float64) ** 2))
+        energy_out = float(np.sum(out.astype(np.float64) ** 2))
+        reduced = energy_out * self._limit < energy_in  # the canceller's verdict: echo
+        played = self._played_near_delay()
+        if played is not None:
+            self._echo = np.maximum(played, self._echo * self._decay)
+        near_end = not reduced
+        if self._log_gain is not None:
+            echo = np.exp(self._log_gain) * self._echo
+            excess = float(np.sum(np.maximum(0.0, near_bands - self._margin * echo)))
+            near_end = excess > UNEXPLAINED_SHARE * float(np.sum(near_bands))
+        learned = self.learned
+        heard = far_active and _rms(near) >= ECHO_AUDIBLE_RMS
+        if heard and learned:
+            self._disagreed.append(reduced and near_end)
+        if len(self._disagreed) == RELEARN_WINDOW and (
+            sum(self._disagreed) >= RELEARN_SHARE * RELEARN_WINDOW
+        ):
+            log.info("echo gate: the echo changed; learning it again")
+            self._log_gain = None
+            self._disagreed.clear()
+            self._warmup.clear()
+            self._delay.remeasure()
+            learned = near_end = False
+        if played is not None and heard and reduced and not self._open and not near_end:
+            self._learn_gain(near_bands)
+        confirm = CONFIRM_BLOCKS if learned else FALLBACK_CONFIRM_BLOCKS
+        if self._open:
+            self._run = 0 if near_end else self._run + 1
+            if self._run >= RELEASE_BLOCKS:
+                self._open, self._run = False, 0
+        else:
+            self._run = self._run + 1 if near_end else 0
+            if self._run >= confirm:
+                self._open, self._run = True, 0
+        return self._open
+
+    def _bands(
+        self, near: npt.NDArray[np.int16], far: npt.NDArray[np.int16]
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """Band energies of the last 20 ms of mic and reference (windowed)."""
+        current = (near.astype(np.float64), far.astype(np.float64))
+        both = np.stack(
+            [
+                np.concatenate((before, now))
+                for before, now in zip(self._previous, current, strict=True)
+            ]
+        )
+        self._previous = current
+        spectra = np.abs(np.fft.rfft(both * self._window, axis=1)) ** 2
+        bands = np.add.reduceat(spectra, self._edges[:-1], axis=1)[:, : len(self._edges) - 1]
+        return bands[0], bands[1]
+
+    def _played_near_delay(self) -> npt.NDArray[np.float64] | None:
+        """The loudest reference per band within `DELAY_SPREAD` blocks of the echo's
+        delay, or None while the delay is unknown."""
+        delay = self._delay.blocks
+        if delay is None:
+            return None
+        history = len(self._far_bands)
+        first = max(0, history - 1 - delay - DELAY_SPREAD)
+        last = min(history, history - delay + DELAY_SPREAD)
+        if last <= first:
+            return np.zeros(len(self._edges) - 1)
+        loudest: npt.NDArray[np.float64] = np.max(
+            np.array([self._far_bands[i] for i in range(first, last)]), axis=0
+        )
+        return loudest
+
+    def _learn_gain(self, near_bands: npt.NDArray[np.float64]) -> None:
+        """Learn the echo path's gain from a block of echo alone: the first
+        `GAIN_WARMUP_BLOCKS` give its starting value, later ones nudge it."""
+        if not np.any(self._echo > 0):
+            return
+        ratio = np.log((near_bands + 1e-3) / (self._echo + 1e-3))
+        if self._log_gain is None:
+            self._warmup.append(ratio)
+            if len(self._warmup) >= GAIN_WARMUP_BLOCKS:
+                self._log_gain = np.quantile(np.array(self._warmup), GAIN_QUANTILE, axis=0)
+                self._warmup.clear()
+            return
+        step = np.where(ratio > self._log_gain, GAIN_QUANTILE, GAIN_QUANTILE - 1.0)
+        self._log_gain = self._log_gain + GAIN_STEP * step
+
+
+class DelayTracker:
+    """Measures the echo's delay (whole 10 ms blocks) over the speaker's audio."""
+
+    def __init__(self, sample_rate: int) -> None:
+        self._rate = sample_rate
+        self._window = int(DELAY_WINDOW_S * sample_rate)
+        self._near: deque[npt.NDArray[np.int16]] = deque()
+        self._far: deque[npt.NDArray[np.int16]] = deque()
+        self._kept = 0
+        self._until_next = self._window  # samples of speaker audio before the next estimate
+        self.blocks: int | None = None
+        """The delay in 10 ms blocks; None until first measured."""
+
+    def remeasure(self) -> None:
+        """Measure again as soon as a window of speaker audio is at hand."""
+        self._until_next = 0
+
+    def add(self, near: npt.NDArray[np.int16], far: npt.NDArray[np.int16]) -> None:
+        """A block heard while the speaker plays."""
+        self._near.append(near)
+        self._far.append(far)
+        self._kept += len(near)
+        while self._kept - len(self._near[0]) >= self._window:
+            self._kept -= len(self._near.popleft())
+            self._far.popleft()
+        self._until_next -= len(near)
+        if self._until_next > 0 or self._kept < self._window:
+            return
+        self._until_next = int(DELAY_EVERY_S * self._rate)
+        max_lag = int(MAX_DELAY_S * self._rate)
+        lag = echo_lag(np.concatenate(self._near), np.concatenate(self._far), max_lag)
+        blocks = round(lag * 100 / self._rate)
+        if blocks != self.blocks:
+            log.debug("echo gate: the echo is %d ms behind the reference", blocks * 10)
+        self.blocks = blocks
 
 
 def _rms(samples: npt.NDArray[np.int16]) -> float:
