@@ -10,9 +10,13 @@ Per round, reported as medians over rounds (JSON on stdout when run alone):
 - converge_s: seconds of speaker audio until the stage declared convergence;
 - double_talk_share: webrtcvad's voiced 20 ms frames of the user's sentence while the
   assistant speaks, over the same sentence said in a quiet room (target >= 0.9); also
-  for AEC3's output before the residual gate (`double_talk_share_aec3`), and both
-  counting only frames louder than `AUDIBLE_DBFS` (`..._audible`): webrtcvad ignores
-  level and calls the user's onset speech even where AEC3 suppressed it by 30-80 dB;
+  for AEC3's output before the residual gate (`double_talk_share_aec3`). This counts
+  voiced frames in a window, whatever they hold: echo that got through, and the VAD's
+  hangover, count as the user's;
+- double_talk_share_aligned: frame by frame instead. Of the user's voiced frames in
+  the quiet room, the share still voiced at the same place in the double-talk output
+  (the quiet take is found in the double-talk microphone by cross-correlation); also
+  for AEC3's output (`double_talk_share_aec3_aligned`), which bounds what any gate keeps;
 - cpu_percent: CPU time of the stage (AEC3 and the residual gate) per second of
   audio, % of one core (offline, on the audio the room delivered);
 - barge_in_ms: with the whole client (fake server, server VAD, barge_in + echo
@@ -55,9 +59,6 @@ from speech_fixtures import silence, speech_pcm, write_wav  # noqa: E402
 RATE = 16000
 FRAME = 320
 USER = "what time is it in tokyo"
-AUDIBLE_DBFS = -50.0
-"""A voiced frame quieter than this (RMS, dB of full scale) is not heard in the audible
-variant of the double-talk share."""
 
 
 class _Quiet:
@@ -161,17 +162,54 @@ async def _room_pass(
     return trace, user_at, user_s
 
 
-def _voiced(
-    rows: list[Any], start: float, end: float, column: int, floor_dbfs: float | None = None
-) -> int:
+def _voiced(rows: list[Any], start: float, end: float, column: int) -> int:
     vad = webrtcvad.Vad(2)
-    floor = -np.inf if floor_dbfs is None else 32768.0 * 10 ** (floor_dbfs / 20)
     return sum(
         vad.is_speech(row[column].astype("<i2").tobytes(), RATE)
-        and float(np.sqrt(np.mean(row[column].astype(np.float64) ** 2))) >= floor
         for row in rows
         if start <= row[0] <= end and len(row[column]) == FRAME
     )
+
+
+def _stream_index(trace: _Trace, at: float) -> int:
+    """Where in the trace's streams the frame captured at `at` starts."""
+    index = 0
+    for stamp, count in trace.frames:
+        if stamp >= at:
+            return index
+        index += count
+    return index
+
+
+def _aligned_shares(
+    talk: _Trace, talk_at: float, alone: _Trace, alone_at: float, user_s: float
+) -> dict[str, float]:
+    """Of the user's voiced frames in the quiet room, the share voiced at the same place
+    in the double-talk pass, per output stream ("aec", "gated")."""
+    start = _stream_index(alone, alone_at)
+    said = alone.stream("near")[start : start + int((user_s + 0.5) * RATE)]
+    heard_at = _stream_index(talk, talk_at)
+    mic = talk.stream("near")[heard_at : heard_at + len(said) + RATE].astype(np.float64)
+    # Plain cross-correlation: the echo is as loud as the user, and a whitened one
+    # (GCC-PHAT) locked onto it in half the replayed rounds.
+    size = 1 << (len(mic) + len(said)).bit_length()
+    spectrum = np.fft.rfft(mic, size) * np.conj(np.fft.rfft(said.astype(np.float64), size))
+    offset = heard_at + int(np.argmax(np.fft.irfft(spectrum, size)[: RATE + 1]))
+    voiced = [
+        i
+        for i in range(0, len(said) - FRAME + 1, FRAME)
+        if webrtcvad.Vad(2).is_speech(said[i : i + FRAME].tobytes(), RATE)
+    ]
+    shares = {}
+    for name in ("aec", "gated"):
+        out = talk.stream(name)
+        kept = sum(
+            webrtcvad.Vad(2).is_speech(out[offset + i : offset + i + FRAME].tobytes(), RATE)
+            for i in voiced
+            if offset + i + FRAME <= len(out)
+        )
+        shares[name] = kept / len(voiced) if voiced else 0.0
+    return shares
 
 
 async def canceller_round(pulse: PulseServer, user_wav: Path) -> dict[str, Any]:
@@ -199,13 +237,7 @@ async def canceller_round(pulse: PulseServer, user_wav: Path) -> dict[str, Any]:
         alone, alone_at, _ = await _alone(pulse, quiet_stage, user_wav)
         alone_rows = alone.rows()
         alone_voiced = _voiced(alone_rows, alone_at, alone_at + user_s + 0.5, 3)
-        window = (user_at, user_at + user_s + 0.5)
-        alone_window = (alone_at, alone_at + user_s + 0.5)
-        audible = {
-            name: _voiced(talk_rows, *window, column, AUDIBLE_DBFS)
-            / max(1, _voiced(alone_rows, *alone_window, 3, AUDIBLE_DBFS))
-            for name, column in (("gated", 3), ("aec3", 2))
-        }
+        aligned = _aligned_shares(talk, user_at, alone, alone_at, user_s)
         # CPU: the stage again, offline, over the audio the room delivered.
         cpu = _cpu_percent(trace)
     finally:
@@ -217,8 +249,8 @@ async def canceller_round(pulse: PulseServer, user_wav: Path) -> dict[str, Any]:
         "delay_ms": stage.convergence.delay_ms,
         "double_talk_share": round(over / alone_voiced, 3) if alone_voiced else None,
         "double_talk_share_aec3": round(over_aec3 / alone_voiced, 3) if alone_voiced else None,
-        "double_talk_share_audible": round(audible["gated"], 3),
-        "double_talk_share_aec3_audible": round(audible["aec3"], 3),
+        "double_talk_share_aligned": round(aligned["gated"], 3),
+        "double_talk_share_aec3_aligned": round(aligned["aec"], 3),
         "voiced_frames": [over, alone_voiced],
         "cpu_percent": round(cpu, 3),
     }
@@ -376,8 +408,8 @@ async def measure(pulse: PulseServer, rounds: int, workdir: Path) -> dict[str, A
         "converge_s",
         "double_talk_share",
         "double_talk_share_aec3",
-        "double_talk_share_audible",
-        "double_talk_share_aec3_audible",
+        "double_talk_share_aligned",
+        "double_talk_share_aec3_aligned",
         "cpu_percent",
         "barge_in_ms",
     )

@@ -454,11 +454,18 @@ def echo_rows(echo: dict[str, Any]) -> list[tuple[str, str, str, str, bool | Non
             "Double talk: user frames voiced while the assistant speaks",
             _fmt(share, "", 3),
             f"of those voiced in a quiet room; AEC3 alone "
-            f"{_fmt(echo['double_talk_share_aec3'], '', 3)}; counting only frames above "
-            f"-50 dBFS: {_fmt(echo.get('double_talk_share_audible'), '', 3)}, AEC3 alone "
-            f"{_fmt(echo.get('double_talk_share_aec3_audible'), '', 3)}, {n}",
+            f"{_fmt(echo['double_talk_share_aec3'], '', 3)}, {n}",
             ">= 0.9",
             share is not None and share >= 0.9,
+        ),
+        (
+            "Double talk, frame by frame: the user's voiced frames kept",
+            _fmt(echo.get("double_talk_share_aligned"), "", 3),
+            f"at the same place as in the quiet room; AEC3 alone "
+            f"{_fmt(echo.get('double_talk_share_aec3_aligned'), '', 3)} (no gate can keep "
+            f"more), {n}",
+            "-",
+            None,
         ),
         (
             "Echo cancellation CPU per second of audio",
