@@ -33,21 +33,7 @@ def user_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.mark.parametrize(
-    "vad_mode",
-    [
-        pytest.param(
-            "server",
-            marks=pytest.mark.xfail(
-                strict=False,
-                reason="known defect (issue 15 left open): alone it passes (6 of 6 runs), "
-                "but in 1 of 2 full suite runs on a fresh clone its own voice barged in "
-                "840 ms into an answer (echo the leak gate let through)",
-            ),
-        ),
-        "manual",
-    ],
-)
+@pytest.mark.parametrize("vad_mode", ["server", "manual"])
 async def test_its_own_answer_opens_no_turn_and_does_not_barge_in(
     pulse: PulseServer, vad_mode: VadMode
 ) -> None:
