@@ -32,6 +32,7 @@ so the pipeline runs it in a worker thread.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import deque
 
@@ -287,9 +288,7 @@ class Convergence:
         self._blocks: deque[tuple[int, float, float]] = deque()
         self._unheard_s = 0.0  # speaker audio the microphone did not pick up at all
         self._samples = 0
-        self._near: deque[npt.NDArray[np.int16]] = deque()
-        self._far: deque[npt.NDArray[np.int16]] = deque()
-        self._kept = 0
+        self._recent = RecentAudio(2 * window)  # for the delay estimate
 
     def update(
         self, near: npt.NDArray[np.int16], far: npt.NDArray[np.int16], out: npt.NDArray[np.int16]
@@ -297,7 +296,7 @@ class Convergence:
         """Account for one processed chunk: mic in, reference, mic out."""
         if self.converged:
             return
-        self._keep(near, far)
+        self._recent.add(near, far)
         if _rms(far) < FAR_ACTIVE_RMS:
             return
         if _rms(near) < ECHO_AUDIBLE_RMS:
@@ -324,7 +323,8 @@ class Convergence:
         if self.erle_db >= CONVERGED_DB and steady >= CONVERGED_STEADY:
             self.converged = True
             self.converged_after_s = self.speaker_s
-            self.delay_ms = self._estimate_delay_ms()
+            lag = self._recent.lag(self.sample_rate // 2)  # AEC3 looks this far, too
+            self.delay_ms = lag * 1000 / self.sample_rate
             log.info(
                 "echo canceller converged after %.1f s of speaker audio: %.0f dB of echo "
                 "removed, echo %.0f ms behind the played audio",
@@ -332,34 +332,44 @@ class Convergence:
                 self.erle_db,
                 self.delay_ms,
             )
-            self._near.clear()
-            self._far.clear()
+            self._recent.clear()
 
-    def _keep(self, near: npt.NDArray[np.int16], far: npt.NDArray[np.int16]) -> None:
-        """The last two windows of mic and reference, for the delay estimate."""
+
+class RecentAudio:
+    """The last `size` samples of mic and reference, and how far the one lags the other."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.kept = 0
+        """Samples kept (up to `size`, give or take a chunk)."""
+        self._near: deque[npt.NDArray[np.int16]] = deque()
+        self._far: deque[npt.NDArray[np.int16]] = deque()
+
+    def add(self, near: npt.NDArray[np.int16], far: npt.NDArray[np.int16]) -> None:
+        """One chunk of each, of the same length."""
         self._near.append(near)
         self._far.append(far)
-        self._kept += len(near)
-        while self._kept - len(self._near[0]) >= 2 * self._window:
-            self._kept -= len(self._near.popleft())
+        self.kept += len(near)
+        while self.kept - len(self._near[0]) >= self.size:
+            self.kept -= len(self._near.popleft())
             self._far.popleft()
 
-    def _estimate_delay_ms(self) -> float:
-        near = np.concatenate(self._near)
-        far = np.concatenate(self._far)
-        lag = echo_lag(near, far, min(len(near) - 1, self.sample_rate // 2))
-        return lag * 1000 / self.sample_rate
+    def clear(self) -> None:
+        """Forget it all."""
+        self._near.clear()
+        self._far.clear()
+        self.kept = 0
 
-
-def echo_lag(near: npt.NDArray[np.int16], far: npt.NDArray[np.int16], max_lag: int) -> int:
-    """The lag (samples, 0..`max_lag`) of the mic behind the reference that correlates
-    best (GCC-PHAT: whitened, so speech's strong low notes do not blur the peak)."""
-    near_f = near.astype(np.float64)
-    far_f = far.astype(np.float64)
-    size = 1 << (2 * len(near_f) - 1).bit_length()
-    cross = np.fft.rfft(near_f, size) * np.conj(np.fft.rfft(far_f, size))
-    correlation = np.fft.irfft(cross / np.maximum(np.abs(cross), 1e-12), size)
-    return int(np.argmax(correlation[: max_lag + 1]))
+    def lag(self, max_lag: int) -> int:
+        """The lag (samples, 0..`max_lag`) of the mic behind the reference that
+        correlates best (GCC-PHAT: whitened, so speech's strong low notes do not blur
+        the peak)."""
+        near = np.concatenate(self._near).astype(np.float64)
+        far = np.concatenate(self._far).astype(np.float64)
+        size = 1 << (2 * len(near) - 1).bit_length()
+        cross = np.fft.rfft(near, size) * np.conj(np.fft.rfft(far, size))
+        correlation = np.fft.irfft(cross / np.maximum(np.abs(cross), 1e-12), size)
+        return int(np.argmax(correlation[: min(max_lag, len(near) - 1) + 1]))
 
 
 def processing_stages(
@@ -406,10 +416,11 @@ class ResidualGate:
         hz_per_bin = sample_rate / (2 * self._block)
         low, high = (min(f, sample_rate / 2) / hz_per_bin for f in BAND_RANGE_HZ)
         self._edges = np.unique(np.round(np.geomspace(max(low, 1), high, BANDS + 1)).astype(int))
-        self._previous = (np.zeros(self._block), np.zeros(self._block))  # near, far
+        self._silent_bands = np.zeros(len(self._edges) - 1)  # shared, never written
+        self._previous = (np.zeros(self._block, np.int16), np.zeros(self._block, np.int16))
         max_delay = round(MAX_DELAY_S * 100)
         self._far_bands: deque[npt.NDArray[np.float64]] = deque(maxlen=max_delay + DELAY_SPREAD + 1)
-        self._echo = np.zeros(len(self._edges) - 1)  # predicted echo with its tail
+        self._echo = self._silent_bands  # predicted echo with its tail (replaced, not written)
         self._log_gain: npt.NDArray[np.float64] | None = None
         self._warmup: list[npt.NDArray[np.float64]] = []  # log ratios before it is known
         # Per block of speaker audio heard: the canceller called it echo, the gate not.
@@ -448,9 +459,9 @@ class ResidualGate:
             # The speaker is quiet: nothing to hold back (and no spectra to take, which
             # is most of the time).
             self._open, self._run = False, 0
-            self._echo[:] = 0
-            self._far_bands.append(self._echo.copy())
-            self._previous = (near.astype(np.float64), far.astype(np.float64))
+            self._echo = self._silent_bands
+            self._far_bands.append(self._silent_bands)
+            self._previous = (near, far)
             return True
         near_bands, far_bands = self._bands(near, far)
         self._far_bands.append(far_bands)
@@ -496,14 +507,10 @@ class ResidualGate:
         self, near: npt.NDArray[np.int16], far: npt.NDArray[np.int16]
     ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
         """Band energies of the last 20 ms of mic and reference (windowed)."""
-        current = (near.astype(np.float64), far.astype(np.float64))
+        (near_before, far_before), self._previous = self._previous, (near, far)
         both = np.stack(
-            [
-                np.concatenate((before, now))
-                for before, now in zip(self._previous, current, strict=True)
-            ]
-        )
-        self._previous = current
+            (np.concatenate((near_before, near)), np.concatenate((far_before, far)))
+        ).astype(np.float64)
         spectra = np.abs(np.fft.rfft(both * self._window, axis=1)) ** 2
         bands = np.add.reduceat(spectra, self._edges[:-1], axis=1)[:, : len(self._edges) - 1]
         return bands[0], bands[1]
@@ -520,7 +527,7 @@ class ResidualGate:
         if last <= first:
             return np.zeros(len(self._edges) - 1)
         loudest: npt.NDArray[np.float64] = np.max(
-            np.array([self._far_bands[i] for i in range(first, last)]), axis=0
+            np.array(list(itertools.islice(self._far_bands, first, last))), axis=0
         )
         return loudest
 
@@ -545,11 +552,8 @@ class DelayTracker:
 
     def __init__(self, sample_rate: int) -> None:
         self._rate = sample_rate
-        self._window = int(DELAY_WINDOW_S * sample_rate)
-        self._near: deque[npt.NDArray[np.int16]] = deque()
-        self._far: deque[npt.NDArray[np.int16]] = deque()
-        self._kept = 0
-        self._until_next = self._window  # samples of speaker audio before the next estimate
+        self._recent = RecentAudio(int(DELAY_WINDOW_S * sample_rate))
+        self._until_next = self._recent.size  # samples of speaker audio before the next estimate
         self.blocks: int | None = None
         """The delay in 10 ms blocks; None until first measured."""
 
@@ -559,18 +563,12 @@ class DelayTracker:
 
     def add(self, near: npt.NDArray[np.int16], far: npt.NDArray[np.int16]) -> None:
         """A block heard while the speaker plays."""
-        self._near.append(near)
-        self._far.append(far)
-        self._kept += len(near)
-        while self._kept - len(self._near[0]) >= self._window:
-            self._kept -= len(self._near.popleft())
-            self._far.popleft()
+        self._recent.add(near, far)
         self._until_next -= len(near)
-        if self._until_next > 0 or self._kept < self._window:
+        if self._until_next > 0 or self._recent.kept < self._recent.size:
             return
         self._until_next = int(DELAY_EVERY_S * self._rate)
-        max_lag = int(MAX_DELAY_S * self._rate)
-        lag = echo_lag(np.concatenate(self._near), np.concatenate(self._far), max_lag)
+        lag = self._recent.lag(int(MAX_DELAY_S * self._rate))
         blocks = round(lag * 100 / self._rate)
         if blocks != self.blocks:
             log.debug("echo gate: the echo is %d ms behind the reference", blocks * 10)
