@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from harkd.adapters.registry import build_adapter, token_source
+from harkd.aio import cancel_and_wait
 from harkd.arbitration import MqttArbiter
 from harkd.audio import open_input, open_output
 from harkd.audio.base import AudioInput, AudioOutput
@@ -174,7 +175,7 @@ class Daemon:
             async with asyncio.timeout(SHUTDOWN_BUDGET_S - 0.5):
                 await self.client.stop_audio()
                 if "mqtt" in self._parts:
-                    await _cancel_and_wait(self._parts.pop("mqtt").task)
+                    await cancel_and_wait(self._parts.pop("mqtt").task)
                 await self.client.disconnect()
                 await self._journal_queue.join()
         except TimeoutError:
@@ -491,18 +492,6 @@ def _log_message(message: RealtimeMessage) -> None:
     mark = " [interrupted]" if message.interrupted else ""
     if message.text:
         log.info("%s: %s%s", message.role, message.text, mark)
-
-
-async def _cancel_and_wait(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        # The task's own cancellation ends here; ours (the shutdown budget running
-        # out, or the service being cancelled) must go on.
-        current = asyncio.current_task()
-        if current is not None and current.cancelling():
-            raise
 
 
 async def run_daemon(config: Config, config_path: Path | None) -> int:

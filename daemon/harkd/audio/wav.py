@@ -30,6 +30,7 @@ import wave
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+from harkd.aio import cancel_and_wait
 from harkd.audio.base import PROVIDER_RATE, AudioFrame, DeviceListener, MeterReading
 from harkd.audio.meter import LevelMeter
 from harkd.audio.pcm import pick_channel
@@ -144,13 +145,7 @@ class _PacedOutput:
         self.stop_playback()
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    raise
+            await cancel_and_wait(task)
         await self._close()
 
     def play(self, item_id: str, pcm: bytes) -> None:
