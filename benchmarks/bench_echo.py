@@ -75,8 +75,8 @@ def _energy(x: npt.NDArray[np.int16]) -> float:
 
 class _Trace:
     """Audio through the stage, as streams: raw mic, reference, AEC3 output, gated
-    output. The stage may hold audio back (a frame waiting for its reference, the
-    gate's look-ahead) and hand it on with a later frame, so its output is lined up
+    output. The stage may hold audio back (a frame waiting for its reference) and hand
+    it on with a later frame, so its output is lined up
     with the input by position in the stream, not by call."""
 
     def __init__(self, stage: AudioProcessing) -> None:
@@ -195,6 +195,8 @@ def _aligned_shares(
     size = 1 << (len(mic) + len(said)).bit_length()
     spectrum = np.fft.rfft(mic, size) * np.conj(np.fft.rfft(said.astype(np.float64), size))
     offset = heard_at + int(np.argmax(np.fft.irfft(spectrum, size)[: RATE + 1]))
+    # A fresh VAD per frame: webrtcvad keeps state (its hangover) from call to call,
+    # and each frame is to be judged on its own.
     voiced = [
         i
         for i in range(0, len(said) - FRAME + 1, FRAME)
@@ -235,8 +237,7 @@ async def canceller_round(pulse: PulseServer, user_wav: Path) -> dict[str, Any]:
         over_aec3 = _voiced(talk_rows, user_at, user_at + user_s + 0.5, 2)
         quiet_stage = processing_stages(ProcessingConfig(echo_cancellation=True), RATE, output)[0]
         alone, alone_at, _ = await _alone(pulse, quiet_stage, user_wav)
-        alone_rows = alone.rows()
-        alone_voiced = _voiced(alone_rows, alone_at, alone_at + user_s + 0.5, 3)
+        alone_voiced = _voiced(alone.rows(), alone_at, alone_at + user_s + 0.5, 3)
         aligned = _aligned_shares(talk, user_at, alone, alone_at, user_s)
         # CPU: the stage again, offline, over the audio the room delivered.
         cpu = _cpu_percent(trace)
