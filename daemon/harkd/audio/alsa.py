@@ -192,8 +192,8 @@ class _Edge(ABC):
     def _thread_main(self) -> None:
         """The device thread: open, move audio, recover, until `_stopping` is set."""
 
-    def _wake(self) -> None:  # noqa: B027 - a hook; only the output thread sleeps on an Event
-        """Interrupt the thread's wait (the output thread sleeps on an Event)."""
+    def _wake(self) -> None:  # noqa: B027 - a hook: each direction sleeps on its own Event
+        """Interrupt the thread's wait (the output between writes, the input's doze)."""
 
     def _call_soon(self, callback: Callable[..., object], *args: Any) -> None:
         loop = self._loop
