@@ -16,7 +16,8 @@ Per round, reported as medians over rounds (JSON on stdout when run alone):
 - double_talk_share_aligned: frame by frame instead. Of the user's voiced frames in
   the quiet room, the share still voiced at the same place in the double-talk output
   (the quiet take is found in the double-talk microphone by cross-correlation); also
-  for AEC3's output (`double_talk_share_aec3_aligned`), which bounds what any gate keeps;
+  for AEC3's output (`double_talk_share_aec3_aligned`), which the stage replaces by its
+  double-talk filter's while the user talks over the speaker;
 - cpu_percent: CPU time of the stage (AEC3 and the residual gate) per second of
   audio, % of one core (offline, on the audio the room delivered);
 - barge_in_ms: with the whole client (fake server, server VAD, barge_in + echo
@@ -86,8 +87,8 @@ class _Trace:
         gate = stage._gate  # noqa: SLF001 - the bench reads both sides of the gate
         original = gate.apply
 
-        def apply(near: Any, far: Any, out: Any) -> Any:
-            gated = original(near, far, out)
+        def apply(near: Any, far: Any, out: Any, level: float = 1.0) -> Any:
+            gated = original(near, far, out, level)
             for name, chunk in (("near", near), ("far", far), ("aec", out), ("gated", gated)):
                 self._streams[name].append(chunk.copy())
             return gated
