@@ -462,8 +462,8 @@ def echo_rows(echo: dict[str, Any]) -> list[tuple[str, str, str, str, bool | Non
             "Double talk, frame by frame: the user's voiced frames kept",
             _fmt(echo.get("double_talk_share_aligned"), "", 3),
             f"at the same place as in the quiet room; AEC3 alone "
-            f"{_fmt(echo.get('double_talk_share_aec3_aligned'), '', 3)} (no gate can keep "
-            f"more), {n}",
+            f"{_fmt(echo.get('double_talk_share_aec3_aligned'), '', 3)} (the double-talk "
+            f"filter replaces its output), {n}",
             "-",
             None,
         ),
