@@ -22,9 +22,9 @@ from e2e import fake_client, until
 from harkd.audio.alsa import AlsaInput, AlsaOutput
 from harkd.audio.echo import AudioProcessing, processing_stages
 from harkd.client import RealtimeClient
-from harkd.config import ProcessingConfig, VadConfig
+from harkd.config import ProcessingConfig, VadConfig, WakeConfig
 from harkd.events import VadMode
-from harkd.messages import MessageFinalized, RealtimeMessage, RealtimeMode
+from harkd.messages import MessageFinalized, RealtimeMessage, RealtimeMode, WakeHeard
 from harkd.testing import FakeRealtimeServer
 from pulse_fixture import SINK, PulseServer, Recording
 from speech_fixtures import speech_pcm
@@ -64,14 +64,20 @@ class EchoRoom:
     output: TappedOutput
     stage: AudioProcessing
     finals: list[RealtimeMessage] = field(default_factory=list)
+    wakes: list[WakeHeard] = field(default_factory=list)
     modes: list[tuple[float, RealtimeMode]] = field(default_factory=list)
     mic_open_while_speaking: list[bool] = field(default_factory=list)
 
     @classmethod
     def build(
-        cls, pulse: PulseServer, server: FakeRealtimeServer, vad_mode: VadMode = "server"
+        cls,
+        pulse: PulseServer,
+        server: FakeRealtimeServer,
+        vad_mode: VadMode = "server",
+        wake: WakeConfig | None = None,
     ) -> EchoRoom:
-        """A full-duplex client (barge_in + echo cancellation) on the fake server."""
+        """A full-duplex client (barge_in + echo cancellation) on the fake server;
+        `wake`: waiting for a wake word."""
         output = TappedOutput("pulse", rate=24000)
         [stage] = processing_stages(ProcessingConfig(echo_cancellation=True), MIC_RATE, output)
         room: EchoRoom
@@ -86,12 +92,14 @@ class EchoRoom:
             # whispers) from taking it for speech, as the README advises.
             vad=VadConfig(min_level=0.01),
             conditioning=[stage],
+            wake=wake,
             on_mode_change=lambda m: room.modes.append((time.monotonic(), m)),
         )
         room = cls(pulse, client, output, stage)
         client.on_event(
             lambda e: room.finals.append(e.message) if isinstance(e, MessageFinalized) else None
         )
+        client.on_event(lambda e: room.wakes.append(e) if isinstance(e, WakeHeard) else None)
         return room
 
     def assistant_answers(self) -> list[RealtimeMessage]:

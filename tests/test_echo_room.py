@@ -3,7 +3,8 @@
 What a user would notice: with echo cancellation and barge-in on, the assistant's own
 voice never opens a turn or interrupts it (server VAD and local VAD alike) although
 the microphone stays open while it speaks; the user's voice over an answer stops it
-where the user stopped hearing it, and is heard and answered.
+where the user stopped hearing it, and is heard and answered. Waiting for a wake word,
+the assistant saying "okay nabu" does not wake it; the user saying it does.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pytest
 
 from e2e import Running, assert_all_valid, until
 from echo_room import ANSWER, KEY, EchoRoom, heard_ms, record_speaker, speak
+from harkd.config import WakeConfig
 from harkd.events import VadMode
 from harkd.testing import FakeRealtimeServer, FakeScript
 from pulse_fixture import PulseServer
@@ -112,4 +114,45 @@ async def test_the_users_voice_over_the_answer_barges_in_and_is_answered(
             end = truncate["audio_end_ms"]
             assert heard - 40 <= end <= heard + slack + 40, (end, heard, slack)
             assert heard_before <= end < len(speak(ANSWER)) / 48 - 500
+            assert_all_valid(server)
+
+
+async def test_its_own_wake_word_does_not_wake_it_and_the_users_does(
+    pulse: PulseServer, tmp_path: Path
+) -> None:
+    naming = (
+        "You can wake me at any time: just say okay nabu, and then your question. "
+        "Okay nabu is all it takes, okay nabu."
+    )
+
+    def reply(user_text: str) -> str:
+        if user_text == USER:
+            return TOKYO
+        return naming if user_text == "how do I wake you?" else ANSWER
+
+    script = FakeScript(user_transcripts=[USER], reply=reply, speak=speak)
+    async with FakeRealtimeServer(script=script, api_keys={KEY}) as server:
+        room = EchoRoom.build(pulse, server, wake=WakeConfig(enabled=True))
+        async with Running(room.client):
+            await until(lambda: room.client.status.value == "connected", what="connected")
+            learning = await room.converge()
+            # The assistant says the wake word three times, the microphone open (in
+            # half duplex the detector hears it: the raw microphone scores 0.85-0.95).
+            own = await room.answer("how do I wake you?")
+            assert own.text == naming and not own.interrupted
+            assert room.wakes == []
+            assert server.sessions[0].speech_segments == []  # nothing was sent
+
+            # The same detector hears the user say it (so it was listening).
+            wav = tmp_path / "okay_nabu.wav"
+            spoken = speech_pcm(f"okay nabu, {USER}", rate=24000, voice="en-gb")
+            write_wav(wav, spoken + silence(300, 24000), 24000)
+            await asyncio.to_thread(room.say(wav).wait, 20)
+            await until(
+                lambda: len(room.assistant_answers()) == len(learning) + 2, what="the answer"
+            )
+            [heard] = room.wakes
+            assert heard.word == "okay_nabu" and heard.answered
+            roles = [(m.role, m.text) for m in room.finals[-2:]]
+            assert roles == [("user", USER), ("assistant", TOKYO)]
             assert_all_valid(server)
