@@ -156,3 +156,44 @@ async def test_its_own_wake_word_does_not_wake_it_and_the_users_does(
             roles = [(m.role, m.text) for m in room.finals[-2:]]
             assert roles == [("user", USER), ("assistant", TOKYO)]
             assert_all_valid(server)
+
+
+async def test_the_users_wake_word_over_an_answer_cuts_it_and_is_answered(
+    pulse: PulseServer, tmp_path: Path
+) -> None:
+    """The user nearer the microphone than the speaker (its volume at half: the echo
+    12 dB under the user's voice). Replayed, the raw microphone (what the detector
+    hears in half duplex) scored 0.79-0.86 on this wake word, at the threshold's edge;
+    the cancelled one 0.92-0.97. With the echo as loud as the user, it is not heard."""
+    script = FakeScript(
+        user_transcripts=[USER], reply=lambda t: TOKYO if t == USER else ANSWER, speak=speak
+    )
+    async with FakeRealtimeServer(script=script, api_keys={KEY}) as server:
+        room = EchoRoom.build(pulse, server, wake=WakeConfig(enabled=True))
+        room.client.set_volume(50)
+        async with Running(room.client):
+            await until(lambda: room.client.status.value == "connected", what="connected")
+            learning = await room.converge()
+            wav = tmp_path / "okay_nabu.wav"
+            spoken = speech_pcm(f"okay nabu, {USER}", rate=24000, voice="en-gb")
+            write_wav(wav, spoken + silence(300, 24000), 24000)
+            room.client.send_text("and next week?")
+            outputs = len(room.output.sent)
+            await until(lambda: len(room.output.sent) > outputs, what="the next answer")
+            item = list(room.output.sent)[-1]
+            await until(lambda: room.output.played_ms(item) >= 1500, what="1.5 s of it")
+            speaker = room.say(wav)
+            await until(lambda: bool(room.wakes), what="the user's wake word")
+            await until(
+                lambda: len(room.assistant_answers()) == len(learning) + 2, what="the answer"
+            )
+            await asyncio.to_thread(speaker.wait, 10)
+            [heard] = room.wakes
+            assert heard.word == "okay_nabu" and heard.answered
+            cut, answered = room.assistant_answers()[-2:]
+            assert cut.interrupted and answered.text == TOKYO
+            assert [(m.role, m.text) for m in room.finals[-2:]] == [
+                ("user", USER),
+                ("assistant", TOKYO),
+            ]
+            assert_all_valid(server)
