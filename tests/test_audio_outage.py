@@ -22,6 +22,7 @@ import pytest
 
 from harkd.audio import alsa
 from harkd.audio.alsa import AlsaInput, AlsaOutput
+from harkd.audio.reference import PlayedReference
 from pulse_fixture import PulseServer, PulseUnavailable, Recording
 from test_alsa_pulse import Listener, tone
 
@@ -228,6 +229,67 @@ async def test_an_answer_cut_by_an_unplugged_card_resumes_where_it_stopped(
         assert 1500 - 30 <= first + rest <= 1500 + 80
     finally:
         await speaker.stop()
+
+
+async def test_the_cancellers_reference_holds_what_the_room_heard_across_an_unplugged_card(
+    pulse: PulseServer, sink_back: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With echo cancellation the speaker tells the canceller what it played: across an
+    unplugged card, the reference holds what the room heard before, nothing while the
+    card is away, and the rest of the answer when it really played, once the card is
+    back (a canceller given audio the room never heard looks for an echo that never
+    comes; one not given what it did hear lets the echo through). Through PulseAudio
+    the card holds almost nothing when it goes; that what it held is erased from the
+    reference is shown by `test_reference_timeline`.
+
+    (While the room's sink is gone, PulseAudio may open its fallback sink for a retry,
+    and it moves what that still holds to the room's sink when it is back: the room
+    hears that later than the reference says. A real unplugged card cannot be opened.)
+    """
+    caplog.set_level(logging.DEBUG, logger=alsa.__name__)
+    listener = Listener()
+    speaker = AlsaOutput("pulse", rate=24000)
+    reference = PlayedReference(16000, history_s=30.0)
+    speaker.report_played(reference)
+    drained = asyncio.Event()
+    speaker.on_drained(drained.set)
+    await speaker.start(listener)
+    try:
+        start = time.monotonic()
+        before = pulse.record(24000)
+        await asyncio.sleep(0.1)
+        speaker.play("a", tone(1500, 660.0))
+        await asyncio.sleep(0.5)
+        pulse.unload_sink()
+        await listener.wait_for("failed", 5)
+        failed_at = time.monotonic()
+        before.stop()
+        after = await replug_before_a_retry(pulse, caplog)
+        back_at = time.monotonic()
+        await asyncio.wait_for(drained.wait(), 5)
+        await asyncio.sleep(0.1)
+        after.stop()
+        end = time.monotonic()
+    finally:
+        await speaker.stop()
+
+    def tone_ms(since: float, until_: float) -> float:
+        first = round(since * 16000)
+        samples = reference.read(first, round(until_ * 16000) - first).astype(float)
+        blocks = samples[: len(samples) // 160 * 160].reshape(-1, 160)
+        return float((np.sqrt((blocks**2).mean(axis=1)) > 1000).sum() * 10)
+
+    first, rest = heard_ms(before, 660.0), heard_ms(after, 660.0)
+    print(
+        f"heard {first:.0f} + {rest:.0f} ms; reference {tone_ms(start, failed_at):.0f} + ", end=""
+    )
+    print(f"{tone_ms(back_at, end):.0f} ms")
+    assert abs(tone_ms(start, failed_at) - first) <= 60
+    assert tone_ms(failed_at + 0.03, failed_at + 0.4) == 0  # the card is away
+    # Every part of the answer is in it once (the reopened speaker may repeat what it
+    # could not know was heard, at most the device buffer), the rest after the return.
+    assert 1500 - 30 <= tone_ms(start, end) <= 1500 + 80
+    assert tone_ms(back_at, end) >= rest - 200
 
 
 async def test_an_answer_is_abandoned_when_the_speaker_stays_away(
