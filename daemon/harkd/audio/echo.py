@@ -627,6 +627,8 @@ class DoubleTalkFilter:
         predicted echo of `echo_bands` (band energies)."""
         kept = 1.0 - self._oversubtract * echo_bands / np.maximum(near_bands, 1e-9)
         amplitude = np.sqrt(np.clip(kept, self._floor, 1.0))
+        # Between band centres the gain is interpolated; outside the bands (below
+        # 150 Hz, above 4 kHz: no echo prediction there) the nearest band's holds.
         gains: npt.NDArray[np.complex128] = (
             np.interp(self._bins, self._centres, amplitude) * self._shift
         )
