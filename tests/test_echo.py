@@ -218,11 +218,11 @@ def test_the_double_talk_filter_keeps_the_user_and_drops_the_echo() -> None:
         return np.add.reduceat(spectrum, edges[:-1])[: len(edges) - 1]
 
     gains = filter_.gains(band_energies(mic.astype(np.float64)), band_energies(echo_tone))
-    filter_.advance(mic[: FRAME // 2])
+    block = FRAME // 2
     filtered = np.concatenate(
         [
-            filter_.run(mic[i : i + FRAME // 2], gains)
-            for i in range(FRAME // 2, len(mic), FRAME // 2)
+            filter_.run(mic[i - block : i], mic[i : i + block], gains)
+            for i in range(block, len(mic), block)
         ]
     )
     # Compare the steady second half with each tone (the filter runs 2.5 ms behind).

@@ -474,7 +474,7 @@ class ResidualGate:
         gated = out.copy()
         for start in range(0, len(out) - self._block + 1, self._block):
             part = slice(start, start + self._block)
-            mic = near[part]
+            mic, before = near[part], self._previous[0]  # `_passes` moves `_previous` on
             passes = self._passes(mic, far[part], out[part])
             explained = self._explained if passes else None
             if not passes:
@@ -483,7 +483,7 @@ class ResidualGate:
                 # The user over the speaker (or the block after, the speaker gone quiet
                 # under their voice: back to the canceller, through a crossfade).
                 gains = None if explained is None else self._filter.gains(*explained)
-                own = self._filter.run(mic, gains) * level
+                own = self._filter.run(before, mic, gains) * level
                 if self._passed and (explained is not None) != self._filtered:
                     # The filter's output is `FILTER_DELAY_S` behind the canceller's.
                     fade_in = self._fade if explained is not None else 1.0 - self._fade
@@ -491,7 +491,6 @@ class ResidualGate:
                 gated[part] = np.clip(own, -_FULL_SCALE, _FULL_SCALE - 1)
             self._filtered = explained is not None
             self._passed = passes
-            self._filter.advance(mic)
         return gated
 
     def _passes(
@@ -617,7 +616,6 @@ class DoubleTalkFilter:
         self._shift = np.exp(-2j * np.pi * bins * delay / size)
         self._oversubtract = 10 ** (OVERSUBTRACT_DB / 10)
         self._floor = 10 ** (FLOOR_DB / 10)  # of the power
-        self._previous = np.zeros(self._block, np.int16)
         self._gains = self._shift  # of the last block filtered
 
     def gains(
@@ -635,18 +633,18 @@ class DoubleTalkFilter:
         return gains
 
     def run(
-        self, near: npt.NDArray[np.int16], gains: npt.NDArray[np.complex128] | None = None
+        self,
+        before: npt.NDArray[np.int16],
+        near: npt.NDArray[np.int16],
+        gains: npt.NDArray[np.complex128] | None = None,
     ) -> npt.NDArray[np.float64]:
-        """One block of the mic through `gains` (the last ones when None)."""
+        """One block of the mic (`near`, the block `before` it) through `gains` (the
+        last ones when None)."""
         if gains is not None:
             self._gains = gains
-        both = np.concatenate((self._previous, near)).astype(np.float64)
+        both = np.concatenate((before, near)).astype(np.float64)
         filtered: npt.NDArray[np.float64] = np.fft.irfft(np.fft.rfft(both) * self._gains)
         return filtered[self._block :]
-
-    def advance(self, near: npt.NDArray[np.int16]) -> None:
-        """Every mic block goes by here, filtered or not (the next one needs it)."""
-        self._previous = near
 
 
 class DelayTracker:
