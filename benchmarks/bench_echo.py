@@ -316,11 +316,7 @@ async def barge_in_round(pulse: PulseServer, user_wav: Path) -> float | None:
             await until(lambda: room.client.status.value == "connected", 20, "connected")
             await room.converge()
             speaker = record_speaker(pulse)
-            room.client.send_text("and next week?")
-            outputs = len(room.output.sent)
-            await until(lambda: len(room.output.sent) > outputs, 20, "the answer")
-            item = list(room.output.sent)[-1]
-            await until(lambda: room.output.played_ms(item) >= 1500, 20, "1.5 s of it")
+            await room.answer_playing("and next week?")
             user = _record_user(pulse, room.say(user_wav))
             await until(lambda: any(m.interrupted for m in room.finals), 20, "the barge-in")
             await asyncio.sleep(0.5)

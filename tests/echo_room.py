@@ -119,6 +119,16 @@ class EchoRoom:
             watch.cancel()
         return self.assistant_answers()[count]
 
+    async def answer_playing(self, prompt: str, played_ms: float = 1500) -> str:
+        """Ask by text and wait until `played_ms` of the answer has played; returns the
+        answer's item id (it goes on playing)."""
+        outputs = len(self.output.sent)
+        self.client.send_text(prompt)
+        await until(lambda: len(self.output.sent) > outputs, what="the answer")
+        item = list(self.output.sent)[-1]
+        await until(lambda: self.output.played_ms(item) >= played_ms, what=f"{played_ms} ms")
+        return item
+
     async def converge(self, most: int = 3) -> list[RealtimeMessage]:
         """Answers until the canceller has converged (the mic is gated until then)."""
         answers = []

@@ -35,6 +35,14 @@ def user_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def wake_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("echo") / "okay_nabu.wav"
+    spoken = speech_pcm(f"okay nabu, {USER}", rate=24000, voice="en-gb")
+    write_wav(path, spoken + silence(300, 24000), 24000)
+    return path
+
+
 @pytest.mark.parametrize("vad_mode", ["server", "manual"])
 async def test_its_own_answer_opens_no_turn_and_does_not_barge_in(
     pulse: PulseServer, vad_mode: VadMode
@@ -79,11 +87,7 @@ async def test_the_users_voice_over_the_answer_barges_in_and_is_answered(
             await until(lambda: room.client.status.value == "connected", what="connected")
             learning = len(await room.converge())
             recording = record_speaker(pulse)
-            room.client.send_text("and next week?")
-            outputs = len(room.output.sent)
-            await until(lambda: len(room.output.sent) > outputs, what="the second answer")
-            item = list(room.output.sent)[-1]
-            await until(lambda: room.output.played_ms(item) >= 1500, what="1.5 s of it")
+            item = await room.answer_playing("and next week?")
             heard_before = room.output.played_ms(item)
             speaker = room.say(user_wav)
             await until(
@@ -118,7 +122,7 @@ async def test_the_users_voice_over_the_answer_barges_in_and_is_answered(
 
 
 async def test_its_own_wake_word_does_not_wake_it_and_the_users_does(
-    pulse: PulseServer, tmp_path: Path
+    pulse: PulseServer, wake_wav: Path
 ) -> None:
     naming = (
         "You can wake me at any time: just say okay nabu, and then your question. "
@@ -144,10 +148,7 @@ async def test_its_own_wake_word_does_not_wake_it_and_the_users_does(
             assert server.sessions[0].speech_segments == []  # nothing was sent
 
             # The same detector hears the user say it (so it was listening).
-            wav = tmp_path / "okay_nabu.wav"
-            spoken = speech_pcm(f"okay nabu, {USER}", rate=24000, voice="en-gb")
-            write_wav(wav, spoken + silence(300, 24000), 24000)
-            await asyncio.to_thread(room.say(wav).wait, 20)
+            await asyncio.to_thread(room.say(wake_wav).wait, 20)
             await until(
                 lambda: len(room.assistant_answers()) == len(learning) + 2, what="the answer"
             )
@@ -159,7 +160,7 @@ async def test_its_own_wake_word_does_not_wake_it_and_the_users_does(
 
 
 async def test_the_users_wake_word_over_an_answer_cuts_it_and_is_answered(
-    pulse: PulseServer, tmp_path: Path
+    pulse: PulseServer, wake_wav: Path
 ) -> None:
     """The user nearer the microphone than the speaker (its volume at half: the echo
     12 dB under the user's voice). Replayed, the raw microphone (what the detector
@@ -174,15 +175,8 @@ async def test_the_users_wake_word_over_an_answer_cuts_it_and_is_answered(
         async with Running(room.client):
             await until(lambda: room.client.status.value == "connected", what="connected")
             learning = await room.converge()
-            wav = tmp_path / "okay_nabu.wav"
-            spoken = speech_pcm(f"okay nabu, {USER}", rate=24000, voice="en-gb")
-            write_wav(wav, spoken + silence(300, 24000), 24000)
-            room.client.send_text("and next week?")
-            outputs = len(room.output.sent)
-            await until(lambda: len(room.output.sent) > outputs, what="the next answer")
-            item = list(room.output.sent)[-1]
-            await until(lambda: room.output.played_ms(item) >= 1500, what="1.5 s of it")
-            speaker = room.say(wav)
+            await room.answer_playing("and next week?")
+            speaker = room.say(wake_wav)
             await until(lambda: bool(room.wakes), what="the user's wake word")
             await until(
                 lambda: len(room.assistant_answers()) == len(learning) + 2, what="the answer"
