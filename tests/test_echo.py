@@ -444,6 +444,7 @@ def test_the_alsa_speaker_feeds_the_cancellers_reference() -> None:
     speaker = AlsaOutput("pulse")
     [stage] = processing_stages(ProcessingConfig(echo_cancellation=True), RATE, speaker)
     assert not stage.echo_free  # nothing learned yet: half duplex until it converges
-    assert isinstance(speaker._played_sink, PlayedReference)  # noqa: SLF001
+    [reference] = speaker._played_sinks  # noqa: SLF001
+    assert isinstance(reference, PlayedReference)
     [ns_only] = processing_stages(ProcessingConfig(noise_suppression="low"), RATE, NullOutput())
     assert ns_only.echo_free and ns_only.convergence is None

@@ -94,3 +94,64 @@ async def test_okay_nabu_in_the_room_is_answered_once_and_told_to_home_assistant
                 assert json.loads(user.payload)["text"] == QUESTION
                 await rec.sync()
                 assert len(rec.on(f"{BASE}/wake")) == 1
+
+
+def mode(rec: Recorder) -> bytes | None:
+    last = rec.last(f"{BASE}/mode")
+    return last.payload if last is not None else None
+
+
+def sent(server: FakeRealtimeServer, kind: str) -> int:
+    return sum(1 for _, e in server.received if e["type"] == kind)
+
+
+async def test_an_answer_that_says_the_wake_word_does_not_interrupt_itself(
+    tmp_path: Path, pulse: PulseServer, broker: Mosquitto
+) -> None:
+    """Half duplex, no echo cancellation: the detector hears the speaker (it listens
+    before the gate so that the user can stop an answer), and this answer says the
+    wake word twice. The speaker's own detector tells it apart from the user's."""
+    naming = "Okay nabu is all it takes. Say okay nabu, and then your question."
+    script = FakeScript(
+        user_transcripts=["how do I wake you", QUESTION],
+        reply=lambda text: naming if text == "how do I wake you" else "It is noon.",
+        speak=lambda text: speech_pcm(text, rate=24000, voice="en-gb"),
+    )
+    async with FakeRealtimeServer(script, api_keys={KEY}) as server:
+        config = daemon_config(
+            tmp_path,
+            server.url,
+            KEY,
+            realtime={"turn_detection": "manual"},
+            audio={"input": {"device": "pulse"}, "output": {"device": "pulse"}},
+            wake={"enabled": True},
+            mqtt={"enabled": True, "host": broker.host, "port": broker.port},
+        )
+        env = harkd_env(PULSE_SERVER=pulse.server)
+        with Recorder(broker, f"{BASE}/#") as rec:
+            async with Harkd(write_config(tmp_path, config), env=env) as daemon:
+                await daemon.wait_log("harkd ready")
+                await until(lambda: bool(server.sessions), what="a session")
+                await pulse.play(speech_pcm("okay nabu, how do I wake you") + silence(200))
+                answer = await rec.wait_for(f"{BASE}/transcript/assistant", timeout_s=20)
+                assert json.loads(answer.payload)["text"] == naming
+                # The microphone heard the wake word in the answer, and it was let be.
+                await daemon.wait_log("wake word okay_nabu in the assistant's own voice")
+                await until(lambda: mode(rec) == b"idle", what="the answer's end")
+                assert sent(server, "conversation.item.truncate") == 0
+                assert sent(server, "response.cancel") == 0
+                await rec.sync()
+                assert len(rec.on(f"{BASE}/wake")) == 1
+
+                # The user saying it afterwards is the user. (Said on the answer's
+                # heels the model misses it: it still hears the answer's last words.)
+                await asyncio.sleep(1.5)
+                await pulse.play(speech_pcm(f"okay nabu, {QUESTION}") + silence(200))
+                await until(lambda: len(rec.on(f"{BASE}/wake")) == 2, what="the user's wake")
+                assert json.loads(rec.on(f"{BASE}/wake")[1].payload)["answered"] is True
+                await until(
+                    lambda: len(rec.on(f"{BASE}/transcript/assistant")) == 2, what="an answer"
+                )
+                assert json.loads(rec.on(f"{BASE}/transcript/assistant")[1].payload)["text"] == (
+                    "It is noon."
+                )

@@ -17,7 +17,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from harkd import events as ev
 from harkd.adapters.base import RealtimeAdapter
@@ -46,6 +46,9 @@ from harkd.notify import EventCallback, Problems, StateCallback, Subscribers
 from harkd.tokens import TokenSource
 from harkd.tools import Tool
 from harkd.wake import CHIME, load_sound
+
+if TYPE_CHECKING:
+    from harkd.audio.ownvoice import OwnWakeWords
 
 __all__ = ["RealtimeClient"]
 
@@ -154,6 +157,7 @@ class RealtimeClient:
             conditioning=conditioning,
         )
         self._wake = wake if self._capture.ear is not None else None
+        self._own_voice = self._own_wake_words(self._wake, audio_output)
         self._capture.on_wake = self._wake_heard
         self._capture.on_dropped = self._wake_dropped
         self._chime = b""
@@ -183,6 +187,21 @@ class RealtimeClient:
         from harkd.audio.wakeword import WakeDetector
 
         return WakeDetector(wake)
+
+    @staticmethod
+    def _own_wake_words(wake: WakeConfig | None, output: AudioOutput | None) -> OwnWakeWords | None:
+        """A detector on what the speaker plays, so that the assistant saying its own
+        wake word does not wake it (an output that can report what it played)."""
+        if wake is None or output is None:
+            return None
+        from harkd.audio.ownvoice import OwnWakeWords
+        from harkd.audio.reference import ReportsPlayed
+
+        if not isinstance(output, ReportsPlayed):
+            return None  # a WAV file or no speaker: nothing in the room to hear
+        own = OwnWakeWords.hearing(wake)
+        output.report_played(own)
+        return own
 
     # --- state (the reference's properties) -----------------------------------------
 
@@ -407,6 +426,9 @@ class RealtimeClient:
             return  # muted means deaf: not even the wake word counts
         wake = self._wake
         if wake is None:
+            return
+        if self._own_voice is not None and self._own_voice.said(detection):
+            log.info("wake word %s in the assistant's own voice: ignored", heard.word)
             return
         busy = self._session.mode in (RealtimeMode.SPEAKING, RealtimeMode.THINKING)
         if busy and not wake.interrupt:

@@ -48,11 +48,11 @@ probes the device, so a speaker unplugged between answers is noticed then and no
 on the next answer's first write: a kernel device reports it in `avail`, a sound
 server plugin (`pulse`, `pipewire`) only in `snd_pcm_poll_descriptors_revents`.
 
-For echo cancellation (`report_played`) the playback thread tells a `PlayedSink` each
-write the device accepted, mono and after the volume, with when it will be heard (now
-plus what is queued in front of it), and that written audio was dropped unheard (a
-barge-in's `drop`, a lost device). That is the canceller's far end: what was played,
-not what was queued.
+For echo cancellation and the wake word's own-voice check (`report_played`) the
+playback thread tells each `PlayedSink` every write the device accepted, mono and
+after the volume, with when it will be heard (now plus what is queued in front of
+it), and that written audio was dropped unheard (a barge-in's `drop`, a lost device).
+That is the canceller's far end: what was played, not what was queued.
 
 What a position means: ALSA counts frames still queued as `buffer_size - avail`.
 Through the PulseAudio/PipeWire `pulse` PCM that excludes the sound server's own sink
@@ -483,7 +483,7 @@ class AlsaOutput(_Edge):
         self._remainder = b""  # popped mono audio the device has not accepted yet
         self._recent = b""  # the last frames written (mono): what a loss rewinds
         self._in_device = 0  # frames in the device at the last measure, plus writes since
-        self._played_sink: PlayedSink | None = None  # the echo canceller's reference
+        self._played_sinks: tuple[PlayedSink, ...] = ()  # echo reference, own-voice wake check
         # Thread:
         self._total_written = 0  # frames ever written (never reset): positions are relative
         self._recent_bytes = 0  # how much `_recent` keeps: a buffer, or 3 while `_unproven`
@@ -547,9 +547,10 @@ class AlsaOutput(_Edge):
 
     def report_played(self, sink: PlayedSink) -> None:
         """Tell `sink` every write the device accepts (mono, post-gain) and when it will
-        be heard, and when written audio is dropped unheard (echo cancellation)."""
+        be heard, and when written audio is dropped unheard (echo cancellation, the
+        wake word's own-voice check); several sinks may listen."""
         with self._lock:
-            self._played_sink = sink
+            self._played_sinks = (*self._played_sinks, sink)
 
     def played_ms(self, item_id: str) -> int:
         """Milliseconds of the item's audio that have left the speaker so far."""
@@ -599,8 +600,9 @@ class AlsaOutput(_Edge):
 
     def _tell_dropped(self) -> None:
         """What the device held will not be heard (lock held)."""
-        if self._played_sink is not None:
-            self._played_sink.dropped(time.monotonic())
+        at = time.monotonic()
+        for sink in self._played_sinks:
+            sink.dropped(at)
 
     def _drained(self, generation: int) -> None:
         """On the loop: the device played everything up to buffer generation `generation`."""
@@ -913,11 +915,12 @@ class AlsaOutput(_Edge):
         if result == -errno.EPIPE:
             result = pcm.write(device_bytes)  # the underrun was recovered: write again
         written = max(0, int(result))
-        if written and self._played_sink is not None:
+        if written and self._played_sinks:
             # Heard once what is queued in front of it has played.
             rate = self._buffer.device_rate
             starts_at = time.monotonic() + (self._in_device if self._running else 0) / rate
-            self._played_sink.played(data[: 2 * written], rate, starts_at)
+            for sink in self._played_sinks:
+                sink.played(data[: 2 * written], rate, starts_at)
         if written:
             self._running = True
             self._ran_dry = False

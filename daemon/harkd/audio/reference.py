@@ -58,7 +58,7 @@ class ReportsPlayed(Protocol):
     file or the null output cannot: they have no speaker in the room)."""
 
     def report_played(self, sink: PlayedSink) -> None:
-        """Tell `sink` about every write the device accepts from now on."""
+        """Tell `sink` (too) about every write the device accepts from now on."""
 
 
 class PlayedReference:
