@@ -110,8 +110,9 @@ async def test_an_answer_that_says_the_wake_word_does_not_interrupt_itself(
 ) -> None:
     """Half duplex, no echo cancellation: the detector hears the speaker (it listens
     before the gate so that the user can stop an answer), and this answer says the
-    wake word twice. The speaker's own detector tells it apart from the user's."""
-    naming = "Okay nabu is all it takes. Say okay nabu, and then your question."
+    wake word twice. A second detector, on what the speaker played, tells it apart
+    from the user's."""
+    naming = "My wake word? Okay nabu. That is all it takes: okay nabu."
     script = FakeScript(
         user_transcripts=["how do I wake you", QUESTION],
         reply=lambda text: naming if text == "how do I wake you" else "It is noon.",
@@ -135,13 +136,13 @@ async def test_an_answer_that_says_the_wake_word_does_not_interrupt_itself(
                 await pulse.play(speech_pcm("okay nabu, how do I wake you") + silence(200))
                 answer = await rec.wait_for(f"{BASE}/transcript/assistant", timeout_s=20)
                 assert json.loads(answer.payload)["text"] == naming
-                # The microphone heard the wake word in the answer, and it was let be.
-                await daemon.wait_log("wake word okay_nabu in the assistant's own voice")
                 await until(lambda: mode(rec) == b"idle", what="the answer's end")
-                assert sent(server, "conversation.item.truncate") == 0
+                assert sent(server, "conversation.item.truncate") == 0  # played to its end
                 assert sent(server, "response.cancel") == 0
                 await rec.sync()
                 assert len(rec.on(f"{BASE}/wake")) == 1
+                # The microphone did hear the wake word in the answer, and let it be.
+                await daemon.wait_log("wake word okay_nabu in the assistant's own voice")
 
                 # The user saying it afterwards is the user. (Said on the answer's
                 # heels the model misses it: it still hears the answer's last words.)

@@ -17,7 +17,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from harkd import events as ev
 from harkd.adapters.base import RealtimeAdapter
@@ -46,9 +46,6 @@ from harkd.notify import EventCallback, Problems, StateCallback, Subscribers
 from harkd.tokens import TokenSource
 from harkd.tools import Tool
 from harkd.wake import CHIME, load_sound
-
-if TYPE_CHECKING:
-    from harkd.audio.ownvoice import OwnWakeWords
 
 __all__ = ["RealtimeClient"]
 
@@ -153,11 +150,10 @@ class RealtimeClient:
             barge_in=barge_in,
             echo_tail_ms=echo_tail_ms,
             vad=(vad or VadConfig()) if vad_mode == "manual" else None,
-            wake=self._wake_detector(wake, wake_detector),
+            wake=self._wake_detector(wake, wake_detector, audio_output),
             conditioning=conditioning,
         )
         self._wake = wake if self._capture.ear is not None else None
-        self._own_voice = self._own_wake_words(self._wake, audio_output)
         self._capture.on_wake = self._wake_heard
         self._capture.on_dropped = self._wake_dropped
         self._chime = b""
@@ -179,29 +175,23 @@ class RealtimeClient:
         self._owns_run_task = False
 
     @staticmethod
-    def _wake_detector(wake: WakeConfig | None, detector: WakeStage | None) -> WakeStage | None:
+    def _wake_detector(
+        wake: WakeConfig | None, detector: WakeStage | None, output: AudioOutput | None
+    ) -> WakeStage | None:
+        """The microphone's detector; with a speaker that reports what it played,
+        checked against it (the assistant saying its own wake word does not wake it)."""
         if wake is None or not wake.enabled:
             return None
-        if detector is not None:
-            return detector
+        from harkd.audio.ownvoice import OwnVoiceCheck
+        from harkd.audio.reference import ReportsPlayed
         from harkd.audio.wakeword import WakeDetector
 
-        return WakeDetector(wake)
-
-    @staticmethod
-    def _own_wake_words(wake: WakeConfig | None, output: AudioOutput | None) -> OwnWakeWords | None:
-        """A detector on what the speaker plays, so that the assistant saying its own
-        wake word does not wake it (an output that can report what it played)."""
-        if wake is None or output is None:
-            return None
-        from harkd.audio.ownvoice import OwnWakeWords
-        from harkd.audio.reference import ReportsPlayed
-
+        heard = detector if detector is not None else WakeDetector(wake)
         if not isinstance(output, ReportsPlayed):
-            return None  # a WAV file or no speaker: nothing in the room to hear
-        own = OwnWakeWords.hearing(wake)
-        output.report_played(own)
-        return own
+            return heard  # a WAV file or no speaker: nothing in the room to hear
+        checked = OwnVoiceCheck.around(heard, wake)
+        output.report_played(checked.played)
+        return checked
 
     # --- state (the reference's properties) -----------------------------------------
 
@@ -426,9 +416,6 @@ class RealtimeClient:
             return  # muted means deaf: not even the wake word counts
         wake = self._wake
         if wake is None:
-            return
-        if self._own_voice is not None and self._own_voice.said(detection):
-            log.info("wake word %s in the assistant's own voice: ignored", heard.word)
             return
         busy = self._session.mode in (RealtimeMode.SPEAKING, RealtimeMode.THINKING)
         if busy and not wake.interrupt:

@@ -1,124 +1,106 @@
-"""The wake word in the assistant's own voice, found in what the speaker plays.
+"""The wake word in the assistant's own voice, found in what the speaker played.
 
 The wake word detector listens before the half-duplex gate, so that the user's wake
 word can stop an answer. Without echo cancellation it hears the speaker as well: an
 answer that says "okay nabu" (to "how do I wake you?") would interrupt itself.
-Satellites avoid that by listening to their own playback too, and so does harkd: a
-second detector, with the same models and thresholds, hears every write the speaker
-accepts (the playback thread reports each with when the room will hear it; see
-`PlayedSink`). A wake word the microphone hears within `MATCH_EARLY_S` before to
-`MATCH_LATE_S` after one the speaker played is the assistant's own voice.
+Satellites avoid that by listening to their own playback too, and so does harkd.
 
-The speaker's detector runs in the playback thread as it writes, ahead of what the
-room hears, so its finding is in before the microphone's echo of it.
+The speaker keeps what it played on the capture clock (a `PlayedReference` at 16 kHz:
+the playback thread reports every write with when the room hears it, and what was
+dropped unheard). Nothing more happens while it plays. Only when the microphone's
+detector hears a wake word while something played around it, a second detector (the
+same models) listens to the speaker's last `LOOK_BACK_S` of audio; a wake word the
+speaker played from `MATCH_LATE_S` before to `MATCH_EARLY_S` after the microphone's
+is the assistant's own, and the microphone's detection is dropped.
 """
 
 from __future__ import annotations
 
-import threading
-from collections import deque
+import logging
 from typing import TYPE_CHECKING
 
 from harkd.audio.base import VAD_RATE, AudioFrame
-from harkd.audio.reference import JOIN_TOLERANCE_S
-from harkd.audio.resample import StreamResampler
+from harkd.audio.reference import PlayedReference
 
 if TYPE_CHECKING:
     from harkd.audio.pipeline import WakeStage
     from harkd.audio.wakeword import WakeDetection
     from harkd.config import WakeConfig
 
+log = logging.getLogger(__name__)
+
 MATCH_EARLY_S = 0.3
-"""The microphone may fire this much before the speaker's detector (the two detectors
+"""The microphone may fire this much before the speaker's detector (two detectors
 cross their thresholds at slightly different points of one word)."""
-MATCH_LATE_S = 1.0
+MATCH_LATE_S = 0.5
 """... and this much after: the way through the room and the capture, the echo's
-score rising later, and the played position's error through a sound server."""
-PAUSE_S = 0.1
-"""A write this long after the previous one ended starts a new stream."""
-FLUSH_S = 1.0
-"""Silence fed before a new stream (up to the pause before it): the models forget the
-end of the last answer, as the room did."""
+score rising later, and the played position's error through a sound server (0.08 to
+0.1 s in the PulseAudio room). The user's own wake word this soon after the
+assistant's is taken for its echo."""
+LOOK_BACK_S = 2.5
+"""The speaker's audio heard before a check: the match window and, before it, enough
+for the models to settle into what was playing."""
 THRESHOLD = 0.5
 """The speaker's detector takes less than the microphone's to count a word: heard
 twice, a word at the threshold's edge may cross it on one side only, and a word the
 speaker half said only excuses the microphone's detection of it for a moment."""
-_FRAME_BYTES = VAD_RATE * 20 // 1000 * 2
+_FRAME = VAD_RATE * 20 // 1000
+_WINDOW = round((LOOK_BACK_S + MATCH_EARLY_S) * VAD_RATE) // _FRAME * _FRAME
 
 
-class OwnWakeWords:
-    """A `PlayedSink` that detects wake words in the speaker's audio, and tells a
-    microphone detection that is their echo."""
+class OwnVoiceCheck:
+    """A wake word stage: the microphone's detector, minus what the speaker said."""
 
     @classmethod
-    def hearing(cls, wake: WakeConfig) -> OwnWakeWords:
-        """For the words of `wake`, each counted from `THRESHOLD` (or a lower one of
-        the user's)."""
+    def around(cls, detector: WakeStage, wake: WakeConfig) -> OwnVoiceCheck:
+        """`detector` checked against a second one for the words of `wake`, each counted
+        from `THRESHOLD` (or a lower one of the user's), every time it is said."""
         from harkd.audio.wakeword import WakeDetector
 
         def lowered(threshold: float | None) -> float:
             return min(THRESHOLD, threshold or wake.threshold or THRESHOLD)
 
         words = [
-            word.model_copy(update={"threshold": lowered(word.threshold)}) for word in wake.words
+            word.model_copy(update={"threshold": lowered(word.threshold), "refractory_s": 0.0})
+            for word in wake.words
         ]
-        return cls(WakeDetector(wake.model_copy(update={"words": words})))
+        speaker = WakeDetector(wake.model_copy(update={"words": words}))
+        return cls(detector, speaker, PlayedReference(VAD_RATE))
 
-    def __init__(self, detector: WakeStage) -> None:
+    def __init__(self, detector: WakeStage, speaker: WakeStage, played: PlayedReference) -> None:
+        """`played` must be fed by the speaker (`report_played`)."""
         self._detector = detector
-        self._lock = threading.Lock()
-        self._said: deque[WakeDetection] = deque(maxlen=32)  # guarded by _lock
-        # Playback thread only:
-        self._resampler: StreamResampler | None = None
-        self._restart = False  # set by `dropped` (another thread): a new stream follows
-        self._pending = b""  # 16 kHz audio short of a whole 20 ms frame
-        self._pending_end = 0.0  # when the room hears the end of `_pending`
+        self._speaker = speaker
+        self.played = played
+        self.heavy = detector.heavy  # a check (rare) listens to its whole window at once
 
-    def played(self, pcm: bytes, rate: int, starts_at: float) -> None:
-        """The speaker accepted `pcm`, heard from `starts_at` (playback thread)."""
-        pause = starts_at - self._pending_end
-        fresh = self._resampler is None or self._restart or self._resampler.in_rate != rate
-        if fresh or pause > PAUSE_S:
-            # A new stream (an answer, a drop's sequel): the models first hear the
-            # pause's silence, as the room did.
-            silence = FLUSH_S if fresh else min(FLUSH_S, pause)
-            self._restart = False
-            self._resampler = StreamResampler(rate, VAD_RATE)
-            self._pending = bytes(int(silence * VAD_RATE) * 2)
-            self._pending_end = starts_at
-        elif abs(pause) > JOIN_TOLERANCE_S:
-            # The same stream, but its queue was measured afresh (a stream's first
-            # writes, a sound server's sawtooth): follow the device's clock.
-            self._pending_end = starts_at
-        assert self._resampler is not None
-        self._pending += self._resampler.process(pcm)
-        self._pending_end += len(pcm) / 2 / rate
-        whole = len(self._pending) - len(self._pending) % _FRAME_BYTES
-        ends_at = self._pending_end - (len(self._pending) - _FRAME_BYTES) / 2 / VAD_RATE
-        for offset in range(0, whole, _FRAME_BYTES):
-            frame = self._pending[offset : offset + _FRAME_BYTES]
-            self._detector.process(AudioFrame(frame, VAD_RATE, ends_at + offset / 2 / VAD_RATE))
-        self._pending = self._pending[whole:]
-        said = self._detector.take()
-        if said:
-            with self._lock:
-                self._said.extend(said)
+    def process(self, frame: AudioFrame) -> AudioFrame | None:
+        """Listen to one 16 kHz microphone frame; pass it on unchanged."""
+        return self._detector.process(frame)
 
-    def dropped(self, at: float) -> None:
-        """What was written for after `at` will not be heard."""
-        self._restart = True
-        with self._lock:
-            kept = [said for said in self._said if said.captured_at <= at]
-            self._said.clear()
-            self._said.extend(kept)
+    def take(self) -> list[WakeDetection]:
+        """The microphone's wake words since the last call, but for the speaker's."""
+        kept = []
+        for detection in self._detector.take():
+            if self._said(detection):
+                log.info("wake word %s in the assistant's own voice: ignored", detection.word)
+            else:
+                kept.append(detection)
+        return kept
 
-    def said(self, heard: WakeDetection) -> bool:
-        """Whether the microphone's `heard` is the speaker playing the same word."""
-        with self._lock:
-            return any(
-                said.word == heard.word
-                and said.captured_at - MATCH_EARLY_S
-                <= heard.captured_at
-                <= said.captured_at + MATCH_LATE_S
-                for said in self._said
-            )
+    def _said(self, heard: WakeDetection) -> bool:
+        """Whether the speaker played `heard`'s word around when the microphone heard it."""
+        end = round((heard.captured_at + MATCH_EARLY_S) * VAD_RATE)
+        start = end - _WINDOW
+        audio = self.played.read(start, end - start)
+        if not audio.any():
+            return False  # nothing played: no check, no cost
+        for offset in range(0, len(audio), _FRAME):
+            pcm = audio[offset : offset + _FRAME].astype("<i2", copy=False).tobytes()
+            self._speaker.process(AudioFrame(pcm, VAD_RATE, (start + offset + _FRAME) / VAD_RATE))
+        at = heard.captured_at
+        return any(
+            said.word == heard.word
+            and said.captured_at - MATCH_EARLY_S <= at <= said.captured_at + MATCH_LATE_S
+            for said in self._speaker.take()
+        )
