@@ -45,23 +45,30 @@ def commits(server: FakeRealtimeServer) -> int:
     return sum(1 for _, e in server.received if e["type"] == "input_audio_buffer.commit")
 
 
+def room_harkd(
+    tmp_path: Path, server: FakeRealtimeServer, pulse: PulseServer, broker: Mosquitto
+) -> Harkd:
+    """`harkd run` on the room's microphone and speaker (half duplex), the local VAD
+    ending turns, the wake word armed, on the test's Mosquitto."""
+    config = daemon_config(
+        tmp_path,
+        server.url,
+        KEY,
+        realtime={"turn_detection": "manual"},
+        audio={"input": {"device": "pulse"}, "output": {"device": "pulse"}},
+        wake={"enabled": True},
+        mqtt={"enabled": True, "host": broker.host, "port": broker.port},
+    )
+    return Harkd(write_config(tmp_path, config), env=harkd_env(PULSE_SERVER=pulse.server))
+
+
 async def test_okay_nabu_in_the_room_is_answered_once_and_told_to_home_assistant(
     tmp_path: Path, pulse: PulseServer, broker: Mosquitto
 ) -> None:
     script = FakeScript(user_transcripts=[QUESTION], reply="It is noon.")
     async with FakeRealtimeServer(script, api_keys={KEY}) as server:
-        config = daemon_config(
-            tmp_path,
-            server.url,
-            KEY,
-            realtime={"turn_detection": "manual"},
-            audio={"input": {"device": "pulse"}, "output": {"device": "pulse"}},
-            wake={"enabled": True},
-            mqtt={"enabled": True, "host": broker.host, "port": broker.port},
-        )
-        env = harkd_env(PULSE_SERVER=pulse.server)
         with Recorder(broker, "#") as rec:
-            async with Harkd(write_config(tmp_path, config), env=env) as daemon:
+            async with room_harkd(tmp_path, server, pulse, broker) as daemon:
                 await daemon.wait_log("harkd ready")
                 await until(lambda: bool(server.sessions), what="a session")
 
@@ -119,18 +126,8 @@ async def test_an_answer_that_says_the_wake_word_does_not_interrupt_itself(
         speak=lambda text: speech_pcm(text, rate=24000, voice="en-gb"),
     )
     async with FakeRealtimeServer(script, api_keys={KEY}) as server:
-        config = daemon_config(
-            tmp_path,
-            server.url,
-            KEY,
-            realtime={"turn_detection": "manual"},
-            audio={"input": {"device": "pulse"}, "output": {"device": "pulse"}},
-            wake={"enabled": True},
-            mqtt={"enabled": True, "host": broker.host, "port": broker.port},
-        )
-        env = harkd_env(PULSE_SERVER=pulse.server)
         with Recorder(broker, f"{BASE}/#") as rec:
-            async with Harkd(write_config(tmp_path, config), env=env) as daemon:
+            async with room_harkd(tmp_path, server, pulse, broker) as daemon:
                 await daemon.wait_log("harkd ready")
                 await until(lambda: bool(server.sessions), what="a session")
                 await pulse.play(speech_pcm("okay nabu, how do I wake you") + silence(200))
