@@ -162,16 +162,14 @@ async def test_its_own_wake_word_does_not_wake_it_and_the_users_does(
 async def test_the_users_wake_word_over_an_answer_cuts_it_and_is_answered(
     pulse: PulseServer, wake_wav: Path
 ) -> None:
-    """The user nearer the microphone than the speaker (its volume at half: the echo
-    12 dB under the user's voice). Replayed, the raw microphone (what the detector
-    hears in half duplex) scored 0.79-0.86 on this wake word, at the threshold's edge;
-    the cancelled one 0.92-0.97. With the echo as loud as the user, it is not heard."""
+    """The echo as loud as the user's voice (the speaker at full volume). The detector
+    hears the canceller's output before its residual-echo gate: behind the gate, which
+    holds a soft "okay" back until it is sure of it, this was heard in 0 of 6 rounds."""
     script = FakeScript(
         user_transcripts=[USER], reply=lambda t: TOKYO if t == USER else ANSWER, speak=speak
     )
     async with FakeRealtimeServer(script=script, api_keys={KEY}) as server:
         room = EchoRoom.build(pulse, server, wake=WakeConfig(enabled=True))
-        room.client.set_volume(50)
         async with Running(room.client):
             await until(lambda: room.client.status.value == "connected", what="connected")
             learning = await room.converge()

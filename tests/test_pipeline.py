@@ -214,9 +214,56 @@ class Canceller:
 
     heavy = False
     echo_free = True
+    ungated = None
 
     def process(self, frame: AudioFrame) -> AudioFrame:
         return frame
+
+
+class Heard:
+    """A wake word detector that keeps what it heard."""
+
+    heavy = False
+
+    def __init__(self) -> None:
+        self.frames: list[AudioFrame] = []
+
+    def process(self, frame: AudioFrame) -> AudioFrame:
+        self.frames.append(frame)
+        return frame
+
+    def take(self) -> list[WakeDetection]:
+        return []
+
+
+class GatingCanceller:
+    """An echo canceller whose residual-echo gate holds everything back."""
+
+    heavy = False
+    echo_free = True
+
+    def __init__(self) -> None:
+        self.ungated: AudioFrame | None = None
+
+    def process(self, frame: AudioFrame) -> AudioFrame:
+        self.ungated = frame
+        return silence(frame.sample_rate, 20)
+
+
+def test_the_wake_word_detector_hears_the_canceller_before_its_gate() -> None:
+    heard = Heard()
+    pipeline = capture_pipeline(
+        48_000, 24_000, is_shut=lambda: False, conditioning=[GatingCanceller()], wake=heard
+    )
+    sent = b"".join(
+        o for _ in range(10) for o in pipeline.push(tone(48_000, 20)) if isinstance(o, bytes)
+    )
+    # The provider gets what the gate let through (nothing); the detector, at 16 kHz,
+    # the voice the gate held back.
+    assert sent and not any(sent)
+    assert all(frame.sample_rate == 16_000 for frame in heard.frames)
+    samples = np.frombuffer(b"".join(frame.pcm for frame in heard.frames[2:]), dtype="<i2")
+    assert np.sqrt(np.mean(samples.astype(np.float64) ** 2)) > 0.2 * 32767 / np.sqrt(2)
 
 
 async def test_with_echo_cancellation_a_sleeping_ear_still_takes_frames_one_by_one() -> None:

@@ -196,6 +196,7 @@ class AudioProcessing:
         self._auto_gain = config.auto_gain
         self.convergence = Convergence(sample_rate) if self._reference is not None else None
         """ERLE bookkeeping and the one-time converged log (echo cancellation only)."""
+        self._cancelled: tuple[npt.NDArray[np.int16], float] | None = None
 
     @property
     def echo_free(self) -> bool:
@@ -204,6 +205,15 @@ class AudioProcessing:
         if self.convergence is None:
             return True
         return self.convergence.converged and not self._settling
+
+    @property
+    def ungated(self) -> AudioFrame | None:
+        """The last frame as AEC3 left it, before the residual gate (see
+        `harkd.audio.pipeline.EchoCanceller.ungated`)."""
+        if self._cancelled is None:
+            return None
+        out, captured_at = self._cancelled
+        return AudioFrame(out.astype("<i2", copy=False).tobytes(), self.sample_rate, captured_at)
 
     def process(self, frame: AudioFrame) -> AudioFrame | None:
         """The frame with echo removed (and noise, gain as configured); None while a
@@ -220,6 +230,7 @@ class AudioProcessing:
         if len(near) == 0:
             return None
         out: npt.NDArray[np.int16] = self._apm.process(near, far)
+        self._cancelled = out, frame.captured_at
         if self.convergence is not None and far is not None:
             self.convergence.update(near, far, out)
             level = 10 ** (self._apm.gain_db / 20) if self._auto_gain else 1.0

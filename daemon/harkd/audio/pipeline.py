@@ -11,8 +11,11 @@ The provider-rate stage converts the gated frame itself, not the 16 kHz analysis
 copy, so the provider hears the full band.
 
 The wake word detector hears every frame, before the half-duplex gate, so that the
-wake word can stop an answer; behind it the ear lets nothing on while the device waits
-for a wake word (the privacy invariant: no audio from before one ever leaves).
+wake word can stop an answer; with echo cancellation it hears the canceller's output
+before the canceller's own residual-echo gate, which holds the start of a word said
+over the speaker back until it is sure of it. Behind the detector the ear lets nothing
+on while the device waits for a wake word (the privacy invariant: no audio from
+before one ever leaves).
 
 `CapturePipeline.push` returns what the client must do with one captured frame: PCM to
 stream now (the server decides turns), the endpointer's turn events (the device
@@ -58,6 +61,13 @@ class EchoCanceller(Protocol):
     @property
     def echo_free(self) -> bool:
         """True once its output no longer carries the assistant's voice (converged)."""
+
+    @property
+    def ungated(self) -> AudioFrame | None:
+        """The last frame as the canceller left it, before its residual-echo gate (None
+        without a gate): what the wake word detector hears. The gate holds back the
+        start of a word said over the speaker until it is sure of it, and the detector
+        would miss the word."""
 
 
 class WakeStage(Stage, Protocol):
@@ -159,9 +169,17 @@ class CapturePipeline:
     conditioning: Sequence[Stage] = ()
     """Before the meter and the gate (echo cancellation)."""
     wake: WakeStage | None = None
-    """Hears every conditioned frame at 16 kHz, before the gate."""
+    """Hears every conditioned frame at 16 kHz (an echo canceller's before its own
+    gate), before the half-duplex gate."""
+    to_wake: Resample | None = None
+    """What the wake word hears at 16 kHz, when that is not the conditioned frame."""
     listening: Callable[[], bool] = lambda: True
     """The ear: False while waiting for a wake word (nothing goes on)."""
+
+    def __post_init__(self) -> None:
+        self._canceller = next(
+            (stage for stage in self.conditioning if isinstance(stage, EchoCanceller)), None
+        )
 
     @property
     def off_loop(self) -> bool:
@@ -183,7 +201,11 @@ class CapturePipeline:
         if self.wake is not None:
             # Fed every frame (the resampler keeps state): the endpointer reuses it.
             frame16k = self.to_analysis.process(conditioned)
-            self.wake.process(frame16k)
+            ungated = self._canceller.ungated if self._canceller is not None else None
+            if ungated is not None and self.to_wake is not None:
+                self.wake.process(self.to_wake.process(ungated))
+            else:
+                self.wake.process(frame16k)
             outputs += self.wake.take()
             if not self.listening():
                 return outputs
@@ -220,6 +242,7 @@ def capture_pipeline(
         gate=Gate(is_shut),
         to_analysis=Resample(input_rate, VAD_RATE),
         to_provider=Resample(input_rate, provider_rate),
+        to_wake=Resample(input_rate, VAD_RATE) if wake is not None and conditioning else None,
         endpoint=endpoint,
         conditioning=conditioning,
         wake=wake,
