@@ -22,15 +22,20 @@ Per round, reported as medians over rounds (JSON on stdout when run alone):
   audio, % of one core (offline, on the audio the room delivered);
 - barge_in_ms: with the whole client (fake server, server VAD, barge_in + echo
   cancellation): onset of the user's speech in the room -> the daemon's speaker stream
-  silent.
+  silent;
+- wake_over_answer: with the whole client waiting for a wake word, whether "okay nabu,
+  what time is it in tokyo" said 1.5 s into an answer is heard, with the echo as loud
+  as the user (`full`: the speaker at full volume) and 6 dB under (`minus_6db`);
+  counted over rounds, not a median.
 
-Run: .venv/bin/python benchmarks/bench_echo.py [--rounds 3]   (about 40 s a round)
+Run: .venv/bin/python benchmarks/bench_echo.py [--rounds 3]   (about 90 s a round)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
 import subprocess
@@ -52,7 +57,7 @@ from echo_room import ANSWER, KEY, EchoRoom, record_speaker, speak  # noqa: E402
 from harkd.audio.alsa import AlsaInput, AlsaOutput  # noqa: E402
 from harkd.audio.base import AudioFrame  # noqa: E402
 from harkd.audio.echo import AudioProcessing, ResidualGate, processing_stages  # noqa: E402
-from harkd.config import ProcessingConfig  # noqa: E402
+from harkd.config import ProcessingConfig, WakeConfig  # noqa: E402
 from harkd.testing import FakeRealtimeServer, FakeScript  # noqa: E402
 from pulse_fixture import SINK, PulseServer, Recording  # noqa: E402
 from speech_fixtures import silence, speech_pcm, write_wav  # noqa: E402
@@ -329,6 +334,30 @@ async def barge_in_round(pulse: PulseServer, user_wav: Path) -> float | None:
     return None if quiet is None else round((quiet - onset) * 1000, 1)
 
 
+WAKE_VOLUMES = {"full": 100, "minus_6db": 71}
+"""Speaker volumes of the wake word rounds (the volume is a square law: 71 is -6 dB)."""
+
+
+async def wake_over_answer_round(pulse: PulseServer, wake_wav: Path, volume: int) -> bool:
+    """The whole client waiting for a wake word: is the user's, said over an answer,
+    heard (within 6 s)?"""
+    script = FakeScript(
+        user_transcripts=[USER], reply=lambda t: "It is nine." if t == USER else ANSWER, speak=speak
+    )
+    async with FakeRealtimeServer(script=script, api_keys={KEY}) as server:
+        room = EchoRoom.build(pulse, server, wake=WakeConfig(enabled=True))
+        room.client.set_volume(volume)
+        async with Running(room.client):
+            await until(lambda: room.client.status.value == "connected", 20, "connected")
+            await room.converge()
+            await room.answer_playing("and next week?")
+            speaker = room.say(wake_wav)
+            with contextlib.suppress(AssertionError):  # not heard in time: a miss
+                await until(lambda: bool(room.wakes), 6, "the wake word")
+            await asyncio.to_thread(speaker.wait, 10)
+            return bool(room.wakes)
+
+
 def _record_user(pulse: PulseServer, player: subprocess.Popen[bytes]) -> Recording:
     """Record the user's stream (the newest sink input) while its leading silence plays."""
     deadline = time.monotonic() + 2
@@ -390,10 +419,17 @@ async def measure(pulse: PulseServer, rounds: int, workdir: Path) -> dict[str, A
     """Every figure, `rounds` times; medians plus the per-round values."""
     user_wav = workdir / "user.wav"
     write_wav(user_wav, silence(300, 24000) + speech_pcm(USER, rate=24000, voice="en-gb"), 24000)
+    wake_wav = workdir / "okay_nabu.wav"
+    spoken = speech_pcm(f"okay nabu, {USER}", rate=24000, voice="en-gb")
+    write_wav(wake_wav, spoken + silence(300, 24000), 24000)
     per_round = []
     for _ in range(rounds):
         figures = await canceller_round(pulse, user_wav)
         figures["barge_in_ms"] = await barge_in_round(pulse, user_wav)
+        figures["wake_over_answer"] = {
+            level: await wake_over_answer_round(pulse, wake_wav, volume)
+            for level, volume in WAKE_VOLUMES.items()
+        }
         per_round.append(figures)
 
     def median(key: str) -> float | None:
@@ -411,7 +447,8 @@ async def measure(pulse: PulseServer, rounds: int, workdir: Path) -> dict[str, A
         "cpu_percent",
         "barge_in_ms",
     )
-    return {**{key: median(key) for key in keys}, "rounds": per_round}
+    heard = {level: sum(r["wake_over_answer"][level] for r in per_round) for level in WAKE_VOLUMES}
+    return {**{key: median(key) for key in keys}, "wake_over_answer": heard, "rounds": per_round}
 
 
 def main() -> int:

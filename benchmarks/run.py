@@ -9,7 +9,8 @@ Phases (all on loopback, same machine, same run; about 18 minutes on 2 cores):
 3. barge-in  benchmarks/bench_audio.py's barge-in: stop -> room silent, and the
              played-ms the daemon would truncate at minus what the room heard;
    echo      benchmarks/bench_echo.py: echo cancellation in the room where the mic
-             hears the speaker (ERLE, convergence, double talk, CPU, barge-in);
+             hears the speaker (ERLE, convergence, double talk, CPU, barge-in, the
+             wake word over an answer);
 4. cost      5 rounds; in each, `harkd run` on the default config (the WAV at 16 kHz,
              resampled to 24 kHz) and the peers (benchmarks/peers.py: the `bare`
              websockets + json + base64 client, the floor of issue 19, the `openai`
@@ -481,6 +482,26 @@ def echo_rows(echo: dict[str, Any]) -> list[tuple[str, str, str, str, bool | Non
             "-",
             None,
         ),
+        *wake_over_answer_rows(echo),
+    ]
+
+
+def wake_over_answer_rows(echo: dict[str, Any]) -> list[tuple[str, str, str, str, bool | None]]:
+    """The user's wake word over an answer, with echo cancellation (older results
+    have no such figure)."""
+    heard = echo.get("wake_over_answer")
+    if heard is None:
+        return []
+    rounds = len(echo["rounds"])
+    return [
+        (
+            "Wake word over an answer, heard (echo cancellation)",
+            f"{heard['full']}/{rounds}",
+            f"echo as loud as the user (speaker at full volume); {heard['minus_6db']}/{rounds} "
+            "with the echo 6 dB under the user",
+            "-",
+            None,
+        )
     ]
 
 

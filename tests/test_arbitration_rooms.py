@@ -138,6 +138,8 @@ async def test_with_the_broker_gone_a_lone_device_answers_on_its_own(
 ) -> None:
     server = FakeRealtimeServer(FakeScript(user_transcripts=[QUESTION]))
     async with server, devices(tmp_path, server, broker, {"kitchen": rooms[0]}) as running:
+        # Connected first: a broker gone during the handshake is "unreachable", not "lost".
+        await running["kitchen"].wait_log("MQTT connected")
         broker.stop()
         await running["kitchen"].wait_log("MQTT connection to .* lost")
         await rooms[0].play(speech_pcm(PHRASE) + silence(300))
