@@ -199,12 +199,14 @@ class CapturePipeline:
         outputs: list[CaptureOutput] = []
         frame16k: AudioFrame | None = None
         if self.wake is not None:
-            # Fed every frame (the resampler keeps state): the endpointer reuses it.
-            frame16k = self.to_analysis.process(conditioned)
             ungated = self._canceller.ungated if self._canceller is not None else None
             if ungated is not None and self.to_wake is not None:
+                # The canceller's output before its gate; the endpointer resamples
+                # the gated frame itself, below.
                 self.wake.process(self.to_wake.process(ungated))
             else:
+                # Fed every frame (the resampler keeps state): the endpointer reuses it.
+                frame16k = self.to_analysis.process(conditioned)
                 self.wake.process(frame16k)
             outputs += self.wake.take()
             if not self.listening():
