@@ -52,13 +52,13 @@ import webrtcvad
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from e2e import Running, until  # noqa: E402
-from echo_room import ANSWER, KEY, EchoRoom, record_speaker, speak  # noqa: E402
+from e2e import until  # noqa: E402
+from echo_room import ANSWER, converged_room, record_speaker, speak  # noqa: E402
 from harkd.audio.alsa import AlsaInput, AlsaOutput  # noqa: E402
 from harkd.audio.base import AudioFrame  # noqa: E402
 from harkd.audio.echo import AudioProcessing, ResidualGate, processing_stages  # noqa: E402
 from harkd.config import ProcessingConfig, WakeConfig  # noqa: E402
-from harkd.testing import FakeRealtimeServer, FakeScript  # noqa: E402
+from harkd.testing import FakeScript  # noqa: E402
 from pulse_fixture import SINK, PulseServer, Recording  # noqa: E402
 from speech_fixtures import silence, speech_pcm, write_wav  # noqa: E402
 
@@ -308,25 +308,23 @@ def _cpu_percent(trace: _Trace) -> float:
     return 100 * used / (usable / RATE)
 
 
+def _asked_over_an_answer() -> FakeScript:
+    """Answers the user's question shortly, anything else with the long ANSWER."""
+    return FakeScript(
+        user_transcripts=[USER], reply=lambda t: "It is nine." if t == USER else ANSWER, speak=speak
+    )
+
+
 async def barge_in_round(pulse: PulseServer, user_wav: Path) -> float | None:
     """The whole client: user speech onset -> the daemon's speaker stream silent (ms)."""
-
-    def reply(user_text: str) -> str:
-        return "It is nine." if user_text == USER else ANSWER
-
-    script = FakeScript(user_transcripts=[USER], reply=reply, speak=speak)
-    async with FakeRealtimeServer(script=script, api_keys={KEY}) as server:
-        room = EchoRoom.build(pulse, server)
-        async with Running(room.client):
-            await until(lambda: room.client.status.value == "connected", 20, "connected")
-            await room.converge()
-            speaker = record_speaker(pulse)
-            await room.answer_playing("and next week?")
-            user = _record_user(pulse, room.say(user_wav))
-            await until(lambda: any(m.interrupted for m in room.finals), 20, "the barge-in")
-            await asyncio.sleep(0.5)
-            speaker.stop()
-            user.stop()
+    async with converged_room(pulse, _asked_over_an_answer()) as (room, _):
+        speaker = record_speaker(pulse)
+        await room.answer_playing("and next week?")
+        user = _record_user(pulse, room.say(user_wav))
+        await until(lambda: any(m.interrupted for m in room.finals), 20, "the barge-in")
+        await asyncio.sleep(0.5)
+        speaker.stop()
+        user.stop()
     onset = _first_loud(user, after=0.0)
     if onset is None:
         return None
@@ -341,21 +339,17 @@ WAKE_VOLUMES = {"full": 100, "minus_6db": 71}
 async def wake_over_answer_round(pulse: PulseServer, wake_wav: Path, volume: int) -> bool:
     """The whole client waiting for a wake word: is the user's, said over an answer,
     heard (within 6 s)?"""
-    script = FakeScript(
-        user_transcripts=[USER], reply=lambda t: "It is nine." if t == USER else ANSWER, speak=speak
-    )
-    async with FakeRealtimeServer(script=script, api_keys={KEY}) as server:
-        room = EchoRoom.build(pulse, server, wake=WakeConfig(enabled=True))
-        room.client.set_volume(volume)
-        async with Running(room.client):
-            await until(lambda: room.client.status.value == "connected", 20, "connected")
-            await room.converge()
-            await room.answer_playing("and next week?")
-            speaker = room.say(wake_wav)
-            with contextlib.suppress(AssertionError):  # not heard in time: a miss
-                await until(lambda: bool(room.wakes), 6, "the wake word")
-            await asyncio.to_thread(speaker.wait, 10)
-            return bool(room.wakes)
+    wake = WakeConfig(enabled=True)
+    async with converged_room(pulse, _asked_over_an_answer(), wake=wake, volume=volume) as (
+        room,
+        _,
+    ):
+        await room.answer_playing("and next week?")
+        speaker = room.say(wake_wav)
+        with contextlib.suppress(AssertionError):  # not heard in time: a miss
+            await until(lambda: bool(room.wakes), 6, "the wake word")
+        await asyncio.to_thread(speaker.wait, 10)
+        return bool(room.wakes)
 
 
 def _record_user(pulse: PulseServer, player: subprocess.Popen[bytes]) -> Recording:

@@ -8,9 +8,11 @@ Shared by tests/test_echo_room.py and benchmarks/bench_echo.py (no pytest here).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import threading
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,14 +20,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from e2e import fake_client, until
+from e2e import Running, fake_client, until
 from harkd.audio.alsa import AlsaInput, AlsaOutput
 from harkd.audio.echo import AudioProcessing, processing_stages
 from harkd.client import RealtimeClient
 from harkd.config import ProcessingConfig, VadConfig, WakeConfig
 from harkd.events import VadMode
 from harkd.messages import MessageFinalized, RealtimeMessage, RealtimeMode, WakeHeard
-from harkd.testing import FakeRealtimeServer
+from harkd.testing import FakeRealtimeServer, FakeScript
 from pulse_fixture import SINK, PulseServer, Recording
 from speech_fixtures import speech_pcm
 
@@ -67,6 +69,8 @@ class EchoRoom:
     wakes: list[WakeHeard] = field(default_factory=list)
     modes: list[tuple[float, RealtimeMode]] = field(default_factory=list)
     mic_open_while_speaking: list[bool] = field(default_factory=list)
+    learning: list[RealtimeMessage] = field(default_factory=list)
+    """The answers that taught the canceller the room (`converge`)."""
 
     @classmethod
     def build(
@@ -129,13 +133,12 @@ class EchoRoom:
         await until(lambda: self.output.played_ms(item) >= played_ms, what=f"{played_ms} ms")
         return item
 
-    async def converge(self, most: int = 3) -> list[RealtimeMessage]:
-        """Answers until the canceller has converged (the mic is gated until then)."""
-        answers = []
+    async def converge(self, most: int = 3) -> None:
+        """Answers until the canceller has converged (the mic is gated until then),
+        kept in `learning`."""
         while not self.stage.echo_free:
-            assert len(answers) < most, "the canceller did not converge"
-            answers.append(await self.answer("what is the weather"))
-        return answers
+            assert len(self.learning) < most, "the canceller did not converge"
+            self.learning.append(await self.answer("what is the weather"))
 
     async def _watch_gate(self) -> None:
         pipeline = self.client._capture._pipeline  # noqa: SLF001 - what the gate did
@@ -205,3 +208,22 @@ def heard_ms(
     heard = start + last - first
     quiet = int(np.argmax(answer[heard:])) if answer[heard:].any() else len(answer) - heard
     return heard * 1000 / (rate / block), quiet * 1000 / (rate / block)
+
+
+@contextlib.asynccontextmanager
+async def converged_room(
+    pulse: PulseServer,
+    script: FakeScript,
+    vad_mode: VadMode = "server",
+    wake: WakeConfig | None = None,
+    volume: int = 100,
+) -> AsyncIterator[tuple[EchoRoom, FakeRealtimeServer]]:
+    """A client running in the room against a fake server playing `script`, connected,
+    its canceller converged; the speaker at `volume`."""
+    async with FakeRealtimeServer(script=script, api_keys={KEY}) as server:
+        room = EchoRoom.build(pulse, server, vad_mode, wake)
+        room.client.set_volume(volume)
+        async with Running(room.client):
+            await until(lambda: room.client.status.value == "connected", 20, "connected")
+            await room.converge()
+            yield room, server
