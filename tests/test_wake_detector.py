@@ -170,6 +170,20 @@ def test_speech_over_the_chime_still_opens_the_turn() -> None:
     assert any(isinstance(e, TurnClosed) for e in events)
 
 
+def test_a_short_command_over_the_chime_still_opens_the_turn() -> None:
+    """In one breath, "okay nabu, stop": most of "stop" falls in the chime's hold-off
+    and its last bit after it, a stop consonant apart. Together they are more speech
+    than the chime and a fresh VAD can explain, so the turn starts and is answered."""
+    chime = load_sound("chime", 16_000)
+    command = speech_pcm("stop", voice="en-gb", speed=130)
+    endpointer = Endpointer(VadConfig())
+    endpointer.open_armed(wait_ms=3000)
+    endpointer.hold_off(len(chime) / 32, 200)
+    heard = mix(silence(60) + chime, silence(100) + command)
+    events = run_vad(endpointer, heard + silence(1500))
+    assert [type(e) for e in events if not isinstance(e, TurnAudio)] == [TurnClosed]
+
+
 # --------------------------------------------------------------------------- config
 
 

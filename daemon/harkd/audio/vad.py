@@ -45,13 +45,14 @@ Decision rules (frames of `frame_ms`, durations rounded up to whole frames):
   is armed: it counts no speech and does not close on silence until the opening rule
   above is met; with no speech within its wait it is dropped.
 - A hold-off keeps an armed turn from starting on a sound of the device's own (the
-  wake chime, `hold_off`) or on a fresh VAD's first frames: for its length no frame
-  starts the turn, but its speech frames are counted. The sound explains at most its
-  own length plus the short-sound hangover of speech; if more than that plus the
-  opening's speech was heard, the user spoke over it and the turn starts when the
-  hold-off ends. It lasts a window longer than the sound could be heard, so the sound
-  alone has left the opening window by then. Nothing of what was said is lost either
-  way: an armed turn streams every frame.
+  wake chime, `hold_off`) or on a fresh VAD's first frames: for its length the
+  opening rule above does not apply. It lasts a window longer than the sound could be
+  heard, so the sound alone has left the opening window by then. The sound explains
+  at most its own length plus the short-sound hangover of speech, and the fresh VAD
+  one frame plus that hangover: once the armed turn has heard more speech than all
+  of that plus the opening's, wherever it fell (over the sound, after it, or both),
+  the user spoke and the turn starts. Nothing of what was said is lost either way:
+  an armed turn streams every frame.
 - Push-to-talk: `open_now` opens a turn regardless of the VAD with the last
   `preroll_ms` as preroll; such a turn does not close on silence, only on
   `close_now` (`"manual"`) or at `max_turn_s`, and all of its audio counts as
@@ -166,7 +167,6 @@ class Endpointer:
         self._armed = False
         self._wait_left = 0
         self._hold_left = 0
-        self._hold_speech = 0
         self._hold_explained = 0
         self._armed_speech = 0
         self._turn_frames = 0
@@ -279,13 +279,12 @@ class Endpointer:
         started = 0
         if self._hold_left:
             self._hold_left -= 1
-            self._hold_speech += speech
-            if not self._hold_left:
-                # More speech than the held-off sound explains: the user talked over it.
-                over = self._hold_speech - self._hold_explained
-                started = over if over >= self._start_frames else 0
-                self._hold_speech = self._hold_explained = 0
-        elif speech and self._window.bit_count() >= self._start_frames:
+        # The device's own sounds explain at most `_hold_explained` speech frames of
+        # the whole armed turn, whenever they fell: beyond that, the user spoke.
+        over = self._armed_speech - self._hold_explained
+        if speech and over >= self._start_frames:
+            started = over
+        elif speech and not self._hold_left and self._window.bit_count() >= self._start_frames:
             started = self._window.bit_count()
         if started:
             self._armed = False  # speech started: from here on an ordinary turn
