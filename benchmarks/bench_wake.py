@@ -13,6 +13,12 @@
   speeds x noise) and the false wakes in at least 30 minutes of television-like
   audio; the engine's own CLI on the same audio beside it, and two stricter
   thresholds for the trade-off.
+* one_breath: "okay nabu, <command>" said in one breath, offline: the real
+  WakeDetector hears the clip; from its detection on, the real Endpointer gets an
+  armed turn and the chime's hold-off as the daemon gives them, and the rest of the
+  clip with the chime mixed in as the microphone would hear it, 60-200 ms after the
+  detection. Counted: the turns that start (are answered) rather than being dropped,
+  with the chime and with `sound: null`. Short commands are what the chime can cost.
 * latency: a real `harkd run` in the room with a private Mosquitto and the fake
   server; "okay nabu" is played into the room and its last sample's arrival on a
   room recorder (its ~5 ms latency included) is the end of the wake word; from there
@@ -23,7 +29,7 @@
 The Pi Zero 2 W projection multiplies this machine's CPU figures by `PI_FACTOR`; see
 `pi_projection` for where it comes from. It is a projection, not a measurement.
 
-Standalone: ``python benchmarks/bench_wake.py [idle|latency|accuracy ...]``.
+Standalone: ``python benchmarks/bench_wake.py [idle|latency|accuracy|one_breath ...]``.
 """
 
 from __future__ import annotations
@@ -49,13 +55,16 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 import bench_session as bs  # noqa: E402
 import wake_fixtures as wf  # noqa: E402
 from harkd.audio.base import AudioFrame  # noqa: E402
+from harkd.audio.vad import Endpointer, TurnClosed, TurnDropped  # noqa: E402
 from harkd.audio.wakeword import WakeDetector  # noqa: E402
-from harkd.config import WakeConfig  # noqa: E402
+from harkd.client import SPEAKER_LATENCY_MS  # noqa: E402
+from harkd.config import VadConfig, WakeConfig  # noqa: E402
 from harkd.testing import FakeScript  # noqa: E402
+from harkd.wake import CHIME, load_sound  # noqa: E402
 from harkd_process import Harkd, daemon_config, harkd_env, write_config  # noqa: E402
 from mosquitto import Mosquitto, Recorder  # noqa: E402
 from pulse_fixture import SINK, PulseServer, Recording  # noqa: E402
-from speech_fixtures import frames, silence, speech_pcm, write_wav  # noqa: E402
+from speech_fixtures import frames, mix, silence, speech_pcm, write_wav  # noqa: E402
 
 Log = Callable[[str], None]
 Row = tuple[str, str, str, str, bool | None]
@@ -68,6 +77,9 @@ MAX_MISSES = 3
 FALSE_WAKE_MINUTES = 31.0
 STRICTER = (0.90, 0.95)
 """Thresholds besides the model's own (0.85 for okay_nabu) for the trade-off."""
+ONE_BREATH_COMMANDS = ("stop", "lights off", "turn on the lights", "what time is it")
+CHIME_HEARD_AFTER_MS = (60, 120, 200)
+"""When the chime reaches the microphone after the detection (the daemon allows 200)."""
 CPU_TARGET = 3.0
 DETECTION_TARGET = 0.90
 WAKE_MQTT_TARGET_MS = 300.0
@@ -422,6 +434,58 @@ def accuracy(workdir: Path, log: Log) -> dict[str, Any]:
 # --------------------------------------------------------------------------- latency
 
 
+def turn_starts(clip: bytes, chime: bytes, heard_after_ms: float) -> bool | None:
+    """Whether "okay nabu, ..." in `clip` leads to a turn (None: no wake word heard),
+    the chime (b"" for none) reaching the microphone `heard_after_ms` after the
+    detection. The detector and the endpointer are the daemon's; so are the armed
+    turn's wait (`wake.timeout_s`) and the chime's hold-off."""
+    wake, vad = WakeConfig(enabled=True), VadConfig()
+    detector = WakeDetector(wake)
+    chunks = frames(clip, RATE, 20)
+    for index, chunk in enumerate(chunks):
+        detector.process(AudioFrame(chunk, RATE, (index + 1) * 0.02))
+        if detector.take():
+            break
+    else:
+        return None
+    endpointer = Endpointer(vad)
+    endpointer.open_armed(wake.timeout_s * 1000)
+    after = b"".join(chunks[index + 1 :]) + silence(wake.timeout_s * 1000 + 500)
+    if chime:
+        endpointer.hold_off(len(chime) / 2 / RATE * 1000, SPEAKER_LATENCY_MS)
+        after = mix(after, silence(heard_after_ms) + chime)
+    for chunk in frames(after, RATE, 20):
+        for event in endpointer.process(chunk, chunk):
+            if isinstance(event, TurnClosed | TurnDropped):
+                return isinstance(event, TurnClosed)
+    raise AssertionError("an armed turn outlived its wait")
+
+
+def one_breath(log: Log) -> dict[str, Any]:
+    """Turns started by "okay nabu, <command>" in one breath, with and without the chime."""
+    chime = load_sound(CHIME, RATE)
+    result: dict[str, Any] = {}
+    for command in ONE_BREATH_COMMANDS:
+        with_chime, without, unheard = [], [], 0
+        for voice in wf.VOICES:
+            for speed in wf.SPEEDS:
+                clip = speech_pcm(f"{WAKE}, {command}", voice=voice, speed=speed)
+                clip = silence(500) + clip
+                quiet = turn_starts(clip, b"", 0)
+                if quiet is None:
+                    unheard += 1
+                    continue
+                without.append(quiet)
+                with_chime += [turn_starts(clip, chime, ms) for ms in CHIME_HEARD_AFTER_MS]
+        result[command] = {
+            "chime": f"{sum(1 for s in with_chime if s)}/{len(with_chime)}",
+            "no_chime": f"{sum(without)}/{len(without)}",
+            "wake_word_unheard": unheard,
+        }
+        log(f"one breath, 'okay nabu, {command}': {result[command]}")
+    return result
+
+
 def wake_end(recording: Recording, wake: bytes) -> float:
     """`time.monotonic()` when the wake word's last sample reached the room recorder."""
     heard = recording.samples().astype(np.float64)
@@ -580,6 +644,8 @@ async def run(
         result["latency"] = await latency(pulse, workdir, log)
     if not parts or "accuracy" in parts:
         result["accuracy"] = await asyncio.to_thread(accuracy, workdir, log)
+    if not parts or "one_breath" in parts:
+        result["one_breath"] = await asyncio.to_thread(one_breath, log)
     result["duration_s"] = round(time.monotonic() - started, 1)
     return result
 
@@ -652,6 +718,18 @@ def rows(r: dict[str, Any]) -> list[Row]:
                 ),
                 "0 in the set",
                 acc["false_wakes"] == 0,
+            )
+        )
+    if breath := r.get("one_breath"):
+        out.append(
+            (
+                "One breath: 'okay nabu, <command>' -> a turn (offline)",
+                "; ".join(f"{c} {v['chime']}" for c, v in breath.items()),
+                "turns started with the chime heard "
+                f"{'/'.join(map(str, CHIME_HEARD_AFTER_MS))} ms after the detection; "
+                "with sound: null " + "; ".join(f"{c} {v['no_chime']}" for c, v in breath.items()),
+                "-",
+                None,
             )
         )
     if lat := r.get("latency"):
