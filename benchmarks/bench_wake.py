@@ -19,6 +19,9 @@
   clip with the chime mixed in as the microphone would hear it, 60-200 ms after the
   detection. Counted: the turns that start (are answered) rather than being dropped,
   with the chime and with `sound: null`. Short commands are what the chime can cost.
+* chime_rooms: the chime alone, nobody speaking, through synthetic rooms (a direct
+  sound and an exponentially decaying tail, `reverberant_room`) over a pink noise
+  floor, into the same armed turn: how often it starts a turn by itself.
 * latency: a real `harkd run` in the room with a private Mosquitto and the fake
   server; "okay nabu" is played into the room and its last sample's arrival on a
   room recorder (its ~5 ms latency included) is the end of the wake word; from there
@@ -29,13 +32,14 @@
 The Pi Zero 2 W projection multiplies this machine's CPU figures by `PI_FACTOR`; see
 `pi_projection` for where it comes from. It is a projection, not a measurement.
 
-Standalone: ``python benchmarks/bench_wake.py [idle|latency|accuracy|one_breath ...]``.
+Standalone: ``python benchmarks/bench_wake.py [idle|latency|accuracy|one_breath|chime_rooms ...]``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import statistics
 import subprocess
@@ -64,7 +68,7 @@ from harkd.wake import CHIME, load_sound  # noqa: E402
 from harkd_process import Harkd, daemon_config, harkd_env, write_config  # noqa: E402
 from mosquitto import Mosquitto, Recorder  # noqa: E402
 from pulse_fixture import SINK, PulseServer, Recording  # noqa: E402
-from speech_fixtures import frames, mix, silence, speech_pcm, write_wav  # noqa: E402
+from speech_fixtures import frames, mix, noise, scale, silence, speech_pcm, write_wav  # noqa: E402
 
 Log = Callable[[str], None]
 Row = tuple[str, str, str, str, bool | None]
@@ -80,6 +84,11 @@ STRICTER = (0.90, 0.95)
 ONE_BREATH_COMMANDS = ("stop", "lights off", "turn on the lights", "what time is it")
 CHIME_HEARD_AFTER_MS = (60, 120, 200)
 """When the chime reaches the microphone after the detection (the daemon allows 200)."""
+CHIME_ROOM_DRR_DB = (20.0, 10.0, 0.0)
+"""The direct sound over the room's echo at the microphone: a speaker beside it (as in a
+satellite's enclosure), a little apart, across the room."""
+CHIME_ROOM_RT60_S = (0.3, 0.5, 0.8)
+"""Reverberation times: a furnished room to a bare one."""
 CPU_TARGET = 3.0
 DETECTION_TARGET = 0.90
 WAKE_MQTT_TARGET_MS = 300.0
@@ -437,28 +446,69 @@ def accuracy(workdir: Path, log: Log) -> dict[str, Any]:
 def turn_starts(clip: bytes, chime: bytes, heard_after_ms: float) -> bool | None:
     """Whether "okay nabu, ..." in `clip` leads to a turn (None: no wake word heard),
     the chime (b"" for none) reaching the microphone `heard_after_ms` after the
-    detection. The detector and the endpointer are the daemon's; so are the armed
-    turn's wait (`wake.timeout_s`) and the chime's hold-off."""
-    wake, vad = WakeConfig(enabled=True), VadConfig()
-    detector = WakeDetector(wake)
+    detection. The detector is the daemon's; see `armed_turn_starts` for the rest."""
+    detector = WakeDetector(WakeConfig(enabled=True))
     chunks = frames(clip, RATE, 20)
     for index, chunk in enumerate(chunks):
         detector.process(AudioFrame(chunk, RATE, (index + 1) * 0.02))
         if detector.take():
-            break
-    else:
-        return None
+            after = b"".join(chunks[index + 1 :])
+            return armed_turn_starts(after, chime, len(chime) / 2 / RATE * 1000, heard_after_ms)
+    return None
+
+
+def armed_turn_starts(after: bytes, heard: bytes, sound_ms: float, heard_after_ms: float) -> bool:
+    """Whether the armed turn a wake word opens starts (and is answered) on `after`,
+    the microphone's audio from the detection on, with `heard` (what the microphone
+    hears of a `sound_ms` long sound of the device's own; b"" for none) mixed in
+    `heard_after_ms` after the detection. The endpointer, the armed turn's wait
+    (`wake.timeout_s`) and the sound's hold-off are the daemon's."""
+    wake, vad = WakeConfig(enabled=True), VadConfig()
     endpointer = Endpointer(vad)
     endpointer.open_armed(wake.timeout_s * 1000)
-    after = b"".join(chunks[index + 1 :]) + silence(wake.timeout_s * 1000 + 500)
-    if chime:
-        endpointer.hold_off(len(chime) / 2 / RATE * 1000, SPEAKER_LATENCY_MS)
-        after = mix(after, silence(heard_after_ms) + chime)
+    after += silence(wake.timeout_s * 1000 + 500)
+    if heard:
+        endpointer.hold_off(sound_ms, SPEAKER_LATENCY_MS)
+        after = mix(after, silence(heard_after_ms) + heard)
     for chunk in frames(after, RATE, 20):
         for event in endpointer.process(chunk, chunk):
             if isinstance(event, TurnClosed | TurnDropped):
                 return isinstance(event, TurnClosed)
     raise AssertionError("an armed turn outlived its wait")
+
+
+def reverberant_room(pcm: bytes, rt60_s: float, drr_db: float, seed: int) -> bytes:
+    """`pcm` as a microphone hears it from a speaker in a room: the direct sound, then
+    a late reverberation of exponentially decaying noise (the usual model of a room's
+    tail) whose energy lies `drr_db` under the direct sound's."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(rt60_s * RATE)) / RATE
+    response = rng.standard_normal(len(t)) * np.exp(-6.9 * t / rt60_s)  # -60 dB at rt60
+    response[0] = 0.0
+    response *= np.sqrt(10 ** (-drr_db / 10) / np.sum(response**2))
+    response[0] = 1.0
+    wet = np.convolve(np.frombuffer(pcm, dtype="<i2").astype(np.float64), response)
+    return np.clip(wet, -32768, 32767).astype("<i2").tobytes()
+
+
+def chime_rooms(log: Log) -> dict[str, Any]:
+    """How often the chime alone, nobody speaking, starts a turn (which is then sent
+    and answered) when the room's echo of it lasts: synthetic rooms, offline."""
+    chime = load_sound(CHIME, RATE)
+    chime_ms = len(chime) / 2 / RATE * 1000
+    result: dict[str, Any] = {}
+    for drr in CHIME_ROOM_DRR_DB:
+        started = total = 0
+        for rt60, gain, floor, heard_after_ms, seed in itertools.product(
+            CHIME_ROOM_RT60_S, (0.5, 1.0, 2.0), (0.0003, 0.001), (60, 200), (1, 2)
+        ):
+            heard = reverberant_room(scale(chime, gain), rt60, drr, seed)
+            room_noise = noise(3000, floor, kind="pink", seed=seed)
+            started += armed_turn_starts(room_noise, heard, chime_ms, heard_after_ms)
+            total += 1
+        result[f"{drr:g}"] = f"{started}/{total}"
+        log(f"chime alone, direct sound {drr:g} dB over the room's echo: {started}/{total} turns")
+    return result
 
 
 def one_breath(log: Log) -> dict[str, Any]:
@@ -646,6 +696,8 @@ async def run(
         result["accuracy"] = await asyncio.to_thread(accuracy, workdir, log)
     if not parts or "one_breath" in parts:
         result["one_breath"] = await asyncio.to_thread(one_breath, log)
+    if not parts or "chime_rooms" in parts:
+        result["chime_rooms"] = await asyncio.to_thread(chime_rooms, log)
     result["duration_s"] = round(time.monotonic() - started, 1)
     return result
 
@@ -728,6 +780,18 @@ def rows(r: dict[str, Any]) -> list[Row]:
                 "turns started with the chime heard "
                 f"{'/'.join(map(str, CHIME_HEARD_AFTER_MS))} ms after the detection; "
                 "with sound: null " + "; ".join(f"{c} {v['no_chime']}" for c, v in breath.items()),
+                "-",
+                None,
+            )
+        )
+    if rooms := r.get("chime_rooms"):
+        out.append(
+            (
+                "The chime alone -> a turn, reverberant rooms (offline)",
+                ", ".join(f"{v} at {drr} dB" for drr, v in rooms.items()),
+                "direct sound over the room's echo at the microphone; reverberation "
+                f"{'/'.join(f'{t:g}' for t in CHIME_ROOM_RT60_S)} s, pink noise floor "
+                "-70/-60 dBFS, chime at -22/-16/-10 dBFS, heard 60/200 ms after the detection",
                 "-",
                 None,
             )

@@ -26,7 +26,8 @@ Phases (all on loopback, same machine, same run; about 18 minutes on 2 cores):
              (silent room, non-wake speech) beside the engine's own CLI, no traffic
              with `connect: on_demand`; wake word end -> B/wake, first audio, session
              open in the room; detection rate and false wakes on generated audio;
-             whether "okay nabu, <command>" in one breath starts a turn, chime or not;
+             whether "okay nabu, <command>" in one breath starts a turn, chime or not,
+             and whether the chime alone does in reverberant rooms;
 6. components bench_vad.py and bench_resample.py (CPU of the audio helpers);
 7. soak      benchmarks/bench_soak.py: 3000 tool-calling turns back to back; RSS
              growth after the warm-up and the drift of the median turn latency;
