@@ -440,7 +440,7 @@ def accuracy(workdir: Path, log: Log) -> dict[str, Any]:
     }
 
 
-# --------------------------------------------------------------------------- latency
+# --------------------------------------------------------------- the chime, one breath
 
 
 def turn_starts(clip: bytes, chime: bytes, heard_after_ms: float) -> bool | None:
@@ -534,6 +534,9 @@ def one_breath(log: Log) -> dict[str, Any]:
         }
         log(f"one breath, 'okay nabu, {command}': {result[command]}")
     return result
+
+
+# --------------------------------------------------------------------------- latency
 
 
 def wake_end(recording: Recording, wake: bytes) -> float:

@@ -1,6 +1,6 @@
 """`make bench`: every harkd benchmark in one invocation, against one fake realtime server.
 
-Phases (all on loopback, same machine, same run; about 18 minutes on 2 cores):
+Phases (all on loopback, same machine, same run; about 21 minutes on 2 cores):
 
 1. latency   `harkd run` on paced ALSA (PulseAudio null sink), 20 tool-calling turns:
              uplink, downlink and turn overhead (benchmarks/bench_session.py);

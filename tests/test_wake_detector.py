@@ -15,7 +15,7 @@ from harkd.audio.vad import Endpointer, TurnAudio, TurnClosed, TurnDropped, Turn
 from harkd.audio.wakeword import WakeDetection, WakeDetector, models_dir
 from harkd.config import ConfigError, VadConfig, WakeConfig, parse_config
 from harkd.wake import Ear, EarState, load_sound
-from speech_fixtures import frames, level, mix, noise, scale, silence, speech_pcm
+from speech_fixtures import click, frames, level, mix, noise, scale, silence, speech_pcm
 
 WAKE = "okay nabu"
 
@@ -182,6 +182,20 @@ def test_a_short_command_over_the_chime_still_opens_the_turn() -> None:
     heard = mix(silence(60) + chime, silence(100) + command)
     events = run_vad(endpointer, heard + silence(1500))
     assert [type(e) for e in events if not isinstance(e, TurnAudio)] == [TurnClosed]
+
+
+@pytest.mark.parametrize("chime", [False, True])
+def test_clicks_after_the_wake_word_are_no_turn(chime: bool) -> None:
+    """Nobody speaks after the wake word; a tap every quarter second does not add up
+    to speech over the seconds the armed turn waits: it is dropped, not answered."""
+    sound = load_sound("chime", 16_000) if chime else b""
+    endpointer = Endpointer(VadConfig())
+    endpointer.open_armed(wait_ms=4000)
+    if sound:
+        endpointer.hold_off(len(sound) / 32, 200)
+    taps = b"".join(click(seed=i) + silence(250) for i in range(14))
+    events = run_vad(endpointer, mix(silence(60) + sound, silence(300) + taps) + silence(1000))
+    assert [type(e) for e in events if not isinstance(e, TurnAudio)] == [TurnDropped]
 
 
 # --------------------------------------------------------------------------- config

@@ -50,9 +50,11 @@ Decision rules (frames of `frame_ms`, durations rounded up to whole frames):
   heard, so the sound alone has left the opening window by then. The sound explains
   at most its own length plus the short-sound hangover of speech, and the fresh VAD
   one frame plus that hangover: once the armed turn has heard more speech than all
-  of that plus the opening's, wherever it fell (over the sound, after it, or both),
-  the user spoke and the turn starts. Nothing of what was said is lost either way:
-  an armed turn streams every frame.
+  of that plus the opening's, over the sound or in the window after the hold-off,
+  the user spoke and the turn starts (speech that straddles the hold-off's end
+  counts whole). Later, only the opening rule starts it: sparse clicks counted over
+  seconds would add up too. Nothing of what was said is lost either way: an armed
+  turn streams every frame.
 - Push-to-talk: `open_now` opens a turn regardless of the VAD with the last
   `preroll_ms` as preroll; such a turn does not close on silence, only on
   `close_now` (`"manual"`) or at `max_turn_s`, and all of its audio counts as
@@ -167,6 +169,7 @@ class Endpointer:
         self._armed = False
         self._wait_left = 0
         self._hold_left = 0
+        self._count_left = 0
         self._hold_explained = 0
         self._armed_speech = 0
         self._turn_frames = 0
@@ -250,6 +253,7 @@ class Endpointer:
         # The fresh VAD's first frames are held off rather than lost to a warm-up.
         self._warmup_left = 0
         self._hold_left = self._warmup_frames
+        self._count_left = self._hold_left + self._window_mask.bit_length()
         self._hold_explained = 1 + self._hangover
         self._start_turn(manual=False, turn_frames=0, speech_frames=0)
         self._armed = True
@@ -265,6 +269,7 @@ class Endpointer:
         window = self._window_mask.bit_length()  # the sound must have left it
         heard_for = _frames(sound_ms + latency_ms, self._frame_ms) + window
         self._hold_left = max(self._hold_left, heard_for)
+        self._count_left = self._hold_left + window
         self._hold_explained += _frames(sound_ms, self._frame_ms) + self._hangover
 
     def close_now(self) -> list[VadEvent]:
@@ -279,9 +284,14 @@ class Endpointer:
         started = 0
         if self._hold_left:
             self._hold_left -= 1
-        # The device's own sounds explain at most `_hold_explained` speech frames of
-        # the whole armed turn, whenever they fell: beyond that, the user spoke.
+        # The device's own sounds explain at most `_hold_explained` speech frames:
+        # beyond that, over them or in the window after, the user spoke. Counted no
+        # further: sparse clicks over seconds are no opening.
         over = self._armed_speech - self._hold_explained
+        if self._count_left:
+            self._count_left -= 1
+        else:
+            over = 0
         if speech and over >= self._start_frames:
             started = over
         elif speech and not self._hold_left and self._window.bit_count() >= self._start_frames:
