@@ -448,3 +448,12 @@ def test_the_alsa_speaker_feeds_the_cancellers_reference() -> None:
     assert isinstance(reference, PlayedReference)
     [ns_only] = processing_stages(ProcessingConfig(noise_suppression="low"), RATE, NullOutput())
     assert ns_only.echo_free and ns_only.convergence is None
+
+
+def test_noise_suppression_alone_leaves_the_wake_word_nothing_ungated_to_hear() -> None:
+    # No echo cancellation, no residual gate: the detector hears the conditioned frame
+    # itself (and the pipeline resamples it once, for the detector and the endpointer).
+    [ns_only] = processing_stages(ProcessingConfig(noise_suppression="low"), RATE, NullOutput())
+    speech = speech_pcm("hello there", rate=RATE)[: RATE // 50 * 2]
+    assert ns_only.process(AudioFrame(speech, RATE, 1.0)) is not None
+    assert ns_only.ungated is None

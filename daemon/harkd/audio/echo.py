@@ -208,7 +208,8 @@ class AudioProcessing:
 
     @property
     def ungated(self) -> AudioFrame | None:
-        """The last frame as AEC3 left it, before the residual gate (see
+        """The last frame as AEC3 left it, before the residual gate; None without
+        echo cancellation, where no gate runs (see
         `harkd.audio.pipeline.EchoCanceller.ungated`)."""
         if self._cancelled is None:
             return None
@@ -230,8 +231,8 @@ class AudioProcessing:
         if len(near) == 0:
             return None
         out: npt.NDArray[np.int16] = self._apm.process(near, far)
-        self._cancelled = out, frame.captured_at
         if self.convergence is not None and far is not None:
+            self._cancelled = out, frame.captured_at
             self.convergence.update(near, far, out)
             level = 10 ** (self._apm.gain_db / 20) if self._auto_gain else 1.0
             out = self._gate.apply(near, far, out, level)
