@@ -146,15 +146,15 @@ class Endpointer:
         hangover = _SHORT_HANGOVER_FRAMES[config.aggressiveness][frame_ms]
         self._hangover = hangover
         self._start_frames = _frames(config.start_ms, frame_ms) + hangover
-        window = self._start_frames + 1  # one non-speech frame tolerated
-        self._window_mask = (1 << window) - 1
+        self._window_frames = self._start_frames + 1  # one non-speech frame tolerated
+        self._window_mask = (1 << self._window_frames) - 1
         self._end_frames = _frames(config.end_silence_ms, frame_ms)
         self._max_frames = _frames(config.max_turn_s * 1000, frame_ms)
         self._preroll_frames = math.ceil(config.preroll_ms / frame_ms)
         self._warmup_frames = _frames(WARMUP_MS, frame_ms)
         # Compare the sum of squares with a precomputed bound: no sqrt per frame.
         self._min_energy = (config.min_level * _FULL_SCALE) ** 2 * samples
-        self._ring: deque[bytes] = deque(maxlen=self._preroll_frames + window)
+        self._ring: deque[bytes] = deque(maxlen=self._preroll_frames + self._window_frames)
         self.reset()
 
     def reset(self) -> None:
@@ -253,7 +253,7 @@ class Endpointer:
         # The fresh VAD's first frames are held off rather than lost to a warm-up.
         self._warmup_left = 0
         self._hold_left = self._warmup_frames
-        self._count_left = self._hold_left + self._window_mask.bit_length()
+        self._count_left = self._hold_left + self._window_frames
         self._hold_explained = 1 + self._hangover
         self._start_turn(manual=False, turn_frames=0, speech_frames=0)
         self._armed = True
@@ -266,10 +266,10 @@ class Endpointer:
         Once speech started it changes nothing: the user talks."""
         if not self._armed:
             return
-        window = self._window_mask.bit_length()  # the sound must have left it
-        heard_for = _frames(sound_ms + latency_ms, self._frame_ms) + window
+        # The sound must have left the opening window when the hold-off ends.
+        heard_for = _frames(sound_ms + latency_ms, self._frame_ms) + self._window_frames
         self._hold_left = max(self._hold_left, heard_for)
-        self._count_left = self._hold_left + window
+        self._count_left = self._hold_left + self._window_frames
         self._hold_explained += _frames(sound_ms, self._frame_ms) + self._hangover
 
     def close_now(self) -> list[VadEvent]:
@@ -287,11 +287,10 @@ class Endpointer:
         # The device's own sounds explain at most `_hold_explained` speech frames:
         # beyond that, over them or in the window after, the user spoke. Counted no
         # further: sparse clicks over seconds are no opening.
-        over = self._armed_speech - self._hold_explained
+        over = 0
         if self._count_left:
             self._count_left -= 1
-        else:
-            over = 0
+            over = self._armed_speech - self._hold_explained
         if speech and over >= self._start_frames:
             started = over
         elif speech and not self._hold_left and self._window.bit_count() >= self._start_frames:
