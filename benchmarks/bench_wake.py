@@ -709,6 +709,11 @@ def _ms(s: dict[str, Any]) -> str:
     return f"{s['median']:.0f} ms" if s.get("n") else "n/a"
 
 
+def _figure(metric: str, measured: str, detail: str) -> Row:
+    """A row with no target: a figure to report."""
+    return (metric, measured, detail, "-", None)
+
+
 def rows(r: dict[str, Any]) -> list[Row]:
     """(metric, measured, detail, target, pass) rows of the wake phase."""
     out: list[Row] = []
@@ -729,12 +734,10 @@ def rows(r: dict[str, Any]) -> list[Row]:
                 )
             )
         out.append(
-            (
+            _figure(
                 "Wake armed, idle: harkd peak RSS (VmHWM)",
                 f"{idle_['peak_rss_mb']:.1f} MB",
                 f"median of {IDLE_ROUNDS} rounds",
-                "-",
-                None,
             )
         )
         t = idle_["traffic"]
@@ -777,26 +780,22 @@ def rows(r: dict[str, Any]) -> list[Row]:
         )
     if breath := r.get("one_breath"):
         out.append(
-            (
+            _figure(
                 "One breath: 'okay nabu, <command>' -> a turn (offline)",
                 "; ".join(f"{c} {v['chime']}" for c, v in breath.items()),
                 "turns started with the chime heard "
                 f"{'/'.join(map(str, CHIME_HEARD_AFTER_MS))} ms after the detection; "
                 "with sound: null " + "; ".join(f"{c} {v['no_chime']}" for c, v in breath.items()),
-                "-",
-                None,
             )
         )
     if rooms := r.get("chime_rooms"):
         out.append(
-            (
+            _figure(
                 "The chime alone -> a turn, reverberant rooms (offline)",
                 ", ".join(f"{v} at {drr} dB" for drr, v in rooms.items()),
                 "direct sound over the room's echo at the microphone; reverberation "
                 f"{'/'.join(f'{t:g}' for t in CHIME_ROOM_RT60_S)} s, pink noise floor "
                 "-70/-60 dBFS, chime at -22/-16/-10 dBFS, heard 60/200 ms after the detection",
-                "-",
-                None,
             )
         )
     if lat := r.get("latency"):
@@ -818,12 +817,10 @@ def rows(r: dict[str, Any]) -> list[Row]:
             )
         s, audio = lat["on_demand_session_ms"], lat["on_demand_first_audio_ms"]
         out.append(
-            (
+            _figure(
                 "Wake word end -> session open (on_demand)",
                 _ms(s),
                 f"max {s.get('max', 'n/a')} ms, n={s['n']}; first audio {_ms(audio)}",
-                "-",
-                None,
             )
         )
     return out
